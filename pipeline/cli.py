@@ -1,0 +1,137 @@
+"""The `embedpipe` command: preprocess, train, export, or all three with `run`.
+
+    embedpipe run                                   # bundled taxi sample, DirectRunner
+    embedpipe run --config flights --input data/flights.parquet --output out/flights
+    embedpipe preprocess --config my.yaml --runner DataflowRunner --project P ...
+    embedpipe example-data flights --output data/   # needs: pip install -e ".[flights]"
+
+Each subcommand is a thin adapter over a module's `run(argv)` (`pipeline.preprocess`,
+`trainer.train`, `trainer.export`, `pipeline.datasets`); `embedpipe run` chains the three stages.
+Beam pipeline options (`--runner`, `--direct_num_workers`, `--temp_location`, ...) pass through to
+the preprocessing job. A bad config or input ends with one `embedpipe: error: ...` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+COMMANDS = {
+    "run": "preprocess, train and export in one go (no arguments: the bundled taxi sample)",
+    "preprocess": "Beam/tf.Transform job: raw logs to TFRecords and a transform graph",
+    "train": "train the embedding model on preprocessed data",
+    "export": "write every embedding table of the trained model",
+    "example-data": "write a public example dataset (flights) as input for a bundled config",
+}
+USAGE = "usage: embedpipe [-v] {" + ",".join(COMMANDS) + "} [--help] [options]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE + "\n\nTurn raw event logs into learned, reusable embeddings.\n\ncommands:")
+        for name, text in COMMANDS.items():
+            print(f"  {name:<13} {text}")
+        print("\n-v/--verbose also shows Beam and TensorFlow logs; `embedpipe COMMAND --help` lists its options.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"{USAGE}\nembedpipe: error: unknown command {command!r}", file=sys.stderr)
+        return 2
+    _setup_logging(verbose)
+    # Imported after logging is set up: TensorFlow and Beam take seconds to import, which
+    # `embedpipe --help` should not pay.
+    from pipeline.rows import InputError
+    from schemas.config import ConfigError
+    from trainer.tables import TableError
+
+    try:
+        return _dispatch(command, rest)
+    except (ConfigError, InputError, TableError, FileNotFoundError) as e:
+        print(f"embedpipe: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(command: str, argv: list[str]) -> int:
+    if command == "preprocess":
+        from pipeline import preprocess
+
+        section = preprocess.run(argv)
+        _print_rows(section["rows"])
+        print(f"  outputs:   {os.path.dirname(section['outputs']['transform'])}")
+    elif command == "train":
+        from trainer import train
+
+        section = train.run(argv)
+        print(f"  model:     {section['model_dir']}")
+        _print_metric(section)
+    elif command == "export":
+        from trainer import export
+
+        section = export.run(argv)
+        print(f"  tables:    {section['dir']}  ({', '.join(section['tables'])})")
+    elif command == "example-data":
+        from pipeline import datasets
+
+        print(f"wrote {datasets.run(argv)}")
+    else:
+        run_all(argv)
+    return 0
+
+
+def run_all(argv: list[str] | None = None) -> dict:
+    """`embedpipe run`: the three stages on one config and output directory; returns the manifest."""
+    from pipeline import preprocess as pre
+    from pipeline.manifest import MANIFEST, read_manifest
+    from trainer import export, train
+
+    parser = argparse.ArgumentParser(
+        prog="embedpipe run",
+        description=COMMANDS["run"] + ". Unrecognised flags are passed to Beam as pipeline options.",
+    )
+    pre.add_arguments(parser)
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default: training.epochs of the config)")
+    args, beam_args = parser.parse_known_args(argv)
+    started = time.time()
+    config, output_dir = pre.resolve(args)
+    logging.getLogger("embedpipe").info("run: config %s -> %s", config.source, output_dir)
+    rows = pre.preprocess(config, output_dir, beam_args)["rows"]
+    trained = train.train(config, output_dir, epochs=args.epochs)
+    exported = export.export(config, output_dir)
+    print(f"\nembedpipe run finished in {time.time() - started:.0f}s")
+    _print_rows(rows)
+    print(f"  model:     {trained['model_dir']}")
+    print(f"  tables:    {exported['dir']}  ({', '.join(exported['tables'])})")
+    print(f"  manifest:  {os.path.join(output_dir, MANIFEST)}")
+    _print_metric(trained)
+    return read_manifest(output_dir)
+
+
+def _print_rows(rows: dict) -> None:
+    print(
+        f"  rows:      {rows['read']} read, {rows['train']} train, {rows['eval']} eval, "
+        f"{rows['dead_letter']} dead-lettered"
+    )
+
+
+def _print_metric(section: dict) -> None:
+    metric = section["headline_metric"]
+    others = ", ".join(f"{k} {v:.4f}" for k, v in sorted(section["eval_metrics"].items()))
+    print(f"  eval {metric['name']}: {metric['value']:.4f}   ({others})")
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for noisy in ("apache_beam", "absl", "tensorflow", "tensorflow_transform", "tfx_bsl", "h5py", "jax"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

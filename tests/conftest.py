@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny CSV fixture's config, and quiet TensorFlow logs."""
+
+import os
+
+import pytest
+from absl import flags
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tf.Transform's test case reads absl flags (temp dirs); under pytest nobody parses them.
+flags.FLAGS.mark_as_parsed()
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+@pytest.fixture
+def tiny_config():
+    from schemas.config import load_config
+
+    return load_config(os.path.join(FIXTURES, "tiny.yaml"))
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Writes YAML text to a file and returns its path."""
+
+    def write(text: str, name: str = "config.yaml") -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+
+    return write

@@ -1,0 +1,75 @@
+"""Config loading: the bundled configs load, and every kind of mistake names its field."""
+
+import pytest
+
+from pipeline import cli
+from schemas.config import AUTO_DIM_MAX, ConfigError, auto_embedding_dim, load_config
+
+GOOD = """
+name: t
+input:
+  format: csv
+  path: data.csv
+  columns: {y: float, a: string, b: int}
+label: {column: y, task: regression}
+categorical:
+  a: {type: vocabulary, top_k: 10}
+crosses:
+  a_x_b: {columns: [a, b], type: hash, hash_buckets: 32}
+"""
+
+
+@pytest.mark.parametrize("name", ["taxi", "flights"])
+def test_bundled_configs_load(name):
+    config = load_config(name)
+    assert config.name == name
+    assert "dow_x_hour" in config.tables
+    assert config.input.path.endswith(".csv" if name == "taxi" else ".parquet")
+
+
+def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
+    config = load_config(write_config(GOOD))
+    a, cross = config.categorical
+    assert (a.type, a.top_k, a.oov_buckets, a.dim) == ("vocabulary", 10, 1, "auto")
+    assert cross.is_cross and cross.columns == ("a", "b") and cross.hash_buckets == 32
+    assert config.input.path == str(tmp_path / "data.csv")
+    assert config.feature_columns == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "old, new, field",
+    [
+        ("a: {type: vocabulary, top_k: 10}", "a: {type: vocabulary, topk: 10}", "categorical.a.topk: unknown key"),
+        ("a: {type: vocabulary, top_k: 10}", "a: {type: vocabulary, column: c}", "categorical.a.column: column 'c' is not declared"),
+        ("a: {type: vocabulary, top_k: 10}", "a: {type: vocabulary, top_k: ten}", "categorical.a.top_k: expected an integer"),
+        ("columns: [a, b]", "columns: [a, nope]", "crosses.a_x_b.columns[1]: column 'nope' is not declared"),
+        ("columns: [a, b]", "columns: [a]", "crosses.a_x_b.columns: a cross needs two or more columns"),
+        ("b: int}", "b: integer}", "input.columns.b: expected one of string, int, float"),
+        ("task: regression", "task: ranking", "label.task: expected one of"),
+        ("a: {type: vocabulary, top_k: 10}", "a: {type: identity}", "categorical.a.num_buckets: an identity feature needs"),
+        ("a: {type: vocabulary, top_k: 10}", "a: {type: hash, hash_buckets: 8, top_k: 3}", "categorical.a.top_k: does not apply"),
+        ("name: t", "name: t\nextra: 1", "extra: unknown key"),
+    ],
+)
+def test_bad_config_names_the_field(write_config, old, new, field):
+    assert old in GOOD
+    path = write_config(GOOD.replace(old, new))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+    assert field in str(err.value)
+
+
+def test_cli_reports_bad_config_in_one_line(write_config, capsys):
+    path = write_config(GOOD.replace("columns: [a, b]", "columns: [a, nope]"))
+    assert cli.main(["preprocess", "--config", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("embedpipe: error: ") and "crosses.a_x_b.columns[1]" in err
+
+
+def test_auto_dim_is_fourth_root_clamped():
+    assert auto_embedding_dim(168) == 4  # 7 days x 24 hours
+    assert auto_embedding_dim(3) == 2  # clamped up
+    assert auto_embedding_dim(10_000) == 10
+    assert auto_embedding_dim(10**12) == AUTO_DIM_MAX

@@ -1,0 +1,76 @@
+"""All three stages on the tiny fixture through the `embedpipe run` entry point."""
+
+import glob
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline import cli, rows
+from schemas.config import auto_embedding_dim
+from trainer.tables import load_table
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    config = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+    manifest = cli.run_all(["--config", config, "--output", out, "--epochs", "2"])
+    return out, manifest
+
+
+def test_every_input_row_is_accounted_for(run_dir):
+    out, manifest = run_dir
+    counts = manifest["preprocess"]["rows"]
+    assert counts["read"] == 244
+    assert counts["train"] + counts["eval"] == 240 and counts["eval"] > 0
+    assert counts["dead_letter_by_reason"] == {
+        rows.BAD_FLOAT: 1, rows.EMPTY_LINE: 1, rows.MALFORMED_CSV: 1, rows.MISSING_VALUE: 1
+    }
+    letters = [json.loads(line) for f in glob.glob(manifest["preprocess"]["outputs"]["dead_letter"]) for line in open(f)]
+    assert sorted(d["reason"] for d in letters) == sorted(counts["dead_letter_by_reason"])
+    assert all(d["source"].endswith("tiny.csv") for d in letters)
+    assert manifest["preprocess"]["config"]["sha256"]
+    assert set(manifest["preprocess"]["timings_s"]) == {"preprocess"}
+    assert manifest["package_versions"]["tensorflow-transform"].startswith("1.")
+
+
+def test_exported_tables_have_the_right_keys_and_shapes(run_dir):
+    out, manifest = run_dir
+    train_rows = manifest["preprocess"]["rows"]["train"]
+    tables = {name: load_table(path) for name, path in manifest["export"]["tables"].items()}
+    assert sorted(tables) == sorted(["carrier", "tail", "hour", "day_x_hour", "day_x_carrier", "distance_bucket"])
+
+    carrier = tables["carrier"]  # top_k 4 of 5 carriers, 2 OOV rows
+    assert len(carrier) == 6 and carrier.keys[0] == "AA" and carrier.keys[-2:] == ["<OOV 0>", "<OOV 1>"]
+    assert carrier.dim == auto_embedding_dim(6) and carrier.frequencies.sum() == train_rows
+
+    hour = tables["hour"]
+    assert hour.keys == [str(h) for h in range(24)] + ["<OOV>"] and hour.vectors.shape == (25, 3)
+
+    cross = tables["day_x_hour"]
+    assert all(k.startswith("<OOV") or (k.split(" x ")[0] in {"Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"}) for k in cross.keys)
+    assert cross.dim == auto_embedding_dim(len(cross)) and cross.frequencies.sum() == train_rows
+    assert tables["day_x_carrier"].keys[3] == "<hash 3>" and len(tables["day_x_carrier"]) == 16
+    assert tables["distance_bucket"].vectors.shape[0] == 4
+
+    model = keras.models.load_model(os.path.join(manifest["train"]["model_dir"], "model.keras"))
+    np.testing.assert_array_equal(model.get_layer("hour_embedding").get_weights()[0], hour.vectors)
+
+
+def test_serving_model_takes_raw_features(run_dir):
+    out, manifest = run_dir
+    serving = tf.saved_model.load(os.path.join(manifest["train"]["model_dir"], "serving"))
+    raw = {
+        "carrier": tf.constant(["AA", "UA", "never-seen"]),
+        "tail": tf.constant(["N001", "N002", "N999"]),
+        "day": tf.constant(["Mon", "Fri", "Sun"]),
+        "hour": tf.constant([5, 18, 99], tf.int64),
+        "distance": tf.constant([300.0, 1500.0, 50.0]),
+    }
+    prediction = serving.signatures["serving_default"](**raw)["prediction"].numpy()
+    assert prediction.shape == (3, 1) and np.isfinite(prediction).all()
+    assert manifest["train"]["headline_metric"]["name"] == "mae"

@@ -1,0 +1,72 @@
+"""Export round trip: what `write_table` writes, `load_table` reads back exactly, or refuses."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.tables import TableSpec
+from trainer.export import write_table
+from trainer.tables import TableError, escape_key, load_table, unescape_key
+
+KEYS = ["plain", "with space", "tab\there", "new\nline", "back\\slash\\t", "naïve ☕", "<OOV 0>"]
+
+
+@pytest.fixture
+def table_dir(tmp_path):
+    vectors = np.random.default_rng(1).normal(size=(len(KEYS), 3)).astype(np.float32)
+    spec = TableSpec("t", "vocabulary", ("c",), len(KEYS), 3, len(KEYS) - 1, 1)
+    frequency = np.arange(len(KEYS), dtype=np.int64)[::-1].copy()
+    path = write_table(str(tmp_path / "t"), spec, KEYS, vectors, frequency, {"output_dir": "run"})
+    return path, vectors, frequency
+
+
+def test_round_trip_is_exact_for_awkward_keys(table_dir):
+    path, vectors, frequency = table_dir
+    table = load_table(path)
+    assert table.keys == KEYS
+    np.testing.assert_array_equal(table.vectors, vectors)  # bitwise
+    np.testing.assert_array_equal(table.frequencies, frequency)
+    np.testing.assert_array_equal(table["tab\there"], vectors[2])
+    assert set(table.as_dict()) == set(KEYS)
+    with pytest.raises(KeyError, match="no key 'missing'"):
+        table.vector("missing")
+
+
+def test_parquet_and_projector_files_agree(table_dir):
+    path, vectors, frequency = table_dir
+    parquet = pq.read_table(os.path.join(path, "table.parquet")).to_pydict()
+    assert parquet["key"] == KEYS and parquet["row"] == list(range(len(KEYS)))
+    np.testing.assert_array_equal(np.array(parquet["vector"], dtype=np.float32), vectors)
+    metadata = open(os.path.join(path, "metadata.tsv"), encoding="utf-8").read().splitlines()
+    assert metadata[0] == "key\tfrequency" and len(metadata) == len(KEYS) + 1
+    assert [unescape_key(line.rsplit("\t", 1)[0]) for line in metadata[1:]] == KEYS
+    tensor = np.loadtxt(os.path.join(path, "vectors.tsv"), delimiter="\t", dtype=np.float32)
+    np.testing.assert_array_equal(tensor, vectors)
+    config = open(os.path.join(path, "projector_config.pbtxt")).read()
+    assert 'tensor_path: "vectors.tsv"' in config and 'metadata_path: "metadata.tsv"' in config
+
+
+def test_damaged_or_inconsistent_tables_are_refused(table_dir):
+    path, _, _ = table_dir
+    with open(os.path.join(path, "vectors.npy"), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(TableError, match="vectors.npy: checksum does not match"):
+        load_table(path)
+    manifest_path = os.path.join(path, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["rows"] = 99
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(TableError, match="declares 99 rows"):
+        load_table(path, verify=False)
+    with pytest.raises(TableError, match="missing"):
+        load_table(os.path.dirname(path))
+
+
+def test_escaping_is_reversible():
+    for key in KEYS + ["\\", "\\n", "a\\\tb", "\r\n"]:
+        assert "\n" not in escape_key(key) and "\t" not in escape_key(key)
+        assert unescape_key(escape_key(key)) == key

@@ -1,0 +1,52 @@
+"""The Beam stages on the tiny fixture, with TestPipeline + assert_that."""
+
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import rows
+from pipeline.preprocess import LOCAL_RUNNER
+from pipeline.transforms import DEAD, EVAL, TRAIN, ParseAndValidate, ReadRawLogs, SplitTrainEval, _count_ids, _merge_counts
+
+
+def test_read_validate_split_accounts_for_every_line(tiny_config):
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        read = p | ReadRawLogs(tiny_config)
+        valid = read.rows | ParseAndValidate(tiny_config)
+        split = valid.rows | SplitTrainEval(tiny_config)
+        dead = (read[DEAD], valid[DEAD]) | "AllDead" >> beam.Flatten()
+
+        sizes = {
+            tag: pcoll | f"Rows{tag}" >> beam.Map(lambda b: b.num_rows) | f"Sum{tag}" >> beam.CombineGlobally(sum)
+            for tag, pcoll in ((TRAIN, split[TRAIN]), (EVAL, split[EVAL]))
+        }
+        total = (sizes[TRAIN], sizes[EVAL]) | "Both" >> beam.Flatten() | "Total" >> beam.CombineGlobally(sum)
+        assert_that(total, equal_to([240]), label="GoodRows")
+        reasons = dead | beam.Map(lambda d: d.reason)
+        assert_that(
+            reasons,
+            equal_to([rows.MALFORMED_CSV, rows.BAD_FLOAT, rows.EMPTY_LINE, rows.MISSING_VALUE]),
+            label="DeadLetterReasons",
+        )
+        eval_days = split[EVAL] | beam.FlatMap(lambda b: b.column("day").flatten().to_pylist())
+        assert_that(
+            eval_days | beam.combiners.Count.Globally() | beam.Map(lambda n: 30 <= n <= 90),
+            equal_to([True]),
+            label="EvalShare",
+        )
+
+
+def test_id_counts_merge_across_batches():
+    import pyarrow as pa
+
+    def batch(ids):
+        return pa.RecordBatch.from_pydict({"t": pa.array([[i] for i in ids], pa.large_list(pa.int64()))}), {}
+
+    with TestPipeline(runner=LOCAL_RUNNER) as p:
+        counts = (
+            p
+            | beam.Create([batch([0, 1, 1]), batch([1, 2]), batch([0])])
+            | beam.Map(_count_ids, tables=["t"])
+            | beam.CombineGlobally(_merge_counts)
+        )
+        assert_that(counts, equal_to([{"t": {"0": 2, "1": 3, "2": 1}}]))

@@ -1,0 +1,150 @@
+"""Export: every learned embedding table as a self-describing directory downstream code can load.
+
+    python -m trainer.export --config taxi --output /tmp/taxi    # after training
+
+`<output>/export/<table>/` holds:
+
+* `keys.tsv` — one key per line, in row order (OOV, hash and bucket rows keyed `<OOV 0>`,
+  `<hash 17>`, ...; see `pipeline.tables`). Backslash, tab, CR and LF inside a key are written
+  as `\\\\`, `\\t`, `\\r`, `\\n`;
+* `vectors.npy` — float32 `[rows, dim]` (NumPy format, no pickle);
+* `table.parquet` — columns `key` (string), `row` (int64), `frequency` (int64: occurrences in
+  the training split), `vector` (list<float32>);
+* `projector_config.pbtxt`, `vectors.tsv`, `metadata.tsv` — the TensorBoard Embedding
+  Projector (`tensorboard --logdir <output>/export` shows every table);
+* `manifest.json` — table name, kind, columns, rows, dim, the source run, and a sha256 per file.
+
+`trainer.tables.load_table` reads a table back and checks it against its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import keras
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from pipeline import preprocess as pre
+from pipeline.manifest import read_manifest, update_manifest
+from pipeline.tables import TableSpec, table_keys, table_specs
+from schemas.config import Config
+from trainer.model import embedding_layer_name
+from trainer.tables import FILES, escape_key, sha256_file
+from trainer.train import model_dir
+
+_LOG = logging.getLogger(__name__)
+
+
+def export_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "export")
+
+
+def export(config: Config, output_dir: str) -> dict:
+    """Writes every table of the trained model; returns the manifest section."""
+    started = time.time()
+    tft_output = tft.TFTransformOutput(pre.transform_dir(output_dir))
+    model = keras.models.load_model(os.path.join(model_dir(output_dir), "model.keras"))
+    with tf.io.gfile.GFile(pre.id_counts_path(output_dir)) as f:
+        id_counts = json.load(f)
+    run = read_manifest(output_dir)
+    source = {
+        "output_dir": os.path.abspath(output_dir) if "://" not in output_dir else output_dir,
+        "config": run.get("preprocess", {}).get("config", {}),
+        "model": os.path.join(model_dir(output_dir), "model.keras"),
+    }
+    tables = {}
+    for spec in table_specs(config, tft_output):
+        vectors = model.get_layer(embedding_layer_name(spec.name)).get_weights()[0].astype(np.float32)
+        keys = table_keys(spec, tft_output)
+        if vectors.shape != (spec.rows, spec.dim) or len(keys) != spec.rows:
+            raise RuntimeError(
+                f"table {spec.name}: model has {vectors.shape}, transform says {spec.rows}x{spec.dim}, "
+                f"{len(keys)} keys; was the model trained on this preprocess output?"
+            )
+        counts = id_counts.get(spec.name, {})
+        frequency = np.array([counts.get(str(i), 0) for i in range(spec.rows)], dtype=np.int64)
+        path = os.path.join(export_dir(output_dir), spec.name)
+        tables[spec.name] = write_table(path, spec, keys, vectors, frequency, source)
+        _LOG.info("export: %s %dx%d -> %s", spec.name, spec.rows, spec.dim, path)
+    elapsed = time.time() - started
+    section = {"dir": export_dir(output_dir), "tables": tables, "timings_s": {"export": round(elapsed, 2)}}
+    update_manifest(output_dir, "export", section)
+    return section
+
+
+def write_table(
+    path: str, spec: TableSpec, keys: list[str], vectors: np.ndarray, frequency: np.ndarray, source: dict
+) -> str:
+    """Writes one table directory (files listed in the module docstring); returns its path."""
+    tf.io.gfile.makedirs(path)
+    escaped = [escape_key(k) for k in keys]
+    _write_text(os.path.join(path, FILES["keys"]), "".join(k + "\n" for k in escaped))
+    with tf.io.gfile.GFile(os.path.join(path, FILES["vectors"]), "wb") as f:
+        np.save(f, vectors, allow_pickle=False)
+    table = pa.table(
+        {
+            "key": pa.array(keys, pa.string()),
+            "row": pa.array(np.arange(len(keys), dtype=np.int64)),
+            "frequency": pa.array(frequency),
+            "vector": pa.array(list(vectors), pa.list_(pa.float32())),
+        }
+    )
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    with tf.io.gfile.GFile(os.path.join(path, FILES["parquet"]), "wb") as f:
+        f.write(buffer.getvalue().to_pybytes())
+    _write_text(
+        os.path.join(path, FILES["projector_tensor"]),
+        "".join("\t".join(repr(float(x)) for x in row) + "\n" for row in vectors),
+    )
+    _write_text(
+        os.path.join(path, FILES["projector_metadata"]),
+        "key\tfrequency\n" + "".join(f"{k}\t{n}\n" for k, n in zip(escaped, frequency)),
+    )
+    _write_text(
+        os.path.join(path, FILES["projector_config"]),
+        "embeddings {\n"
+        f'  tensor_name: "{spec.name}"\n'
+        f'  tensor_path: "{FILES["projector_tensor"]}"\n'
+        f'  metadata_path: "{FILES["projector_metadata"]}"\n'
+        "}\n",
+    )
+    manifest = {
+        "name": spec.name,
+        "kind": spec.kind,
+        "columns": list(spec.columns),
+        "rows": spec.rows,
+        "dim": spec.dim,
+        "vocabulary_size": spec.vocabulary_size,
+        "oov_rows": spec.oov_rows,
+        "source": source,
+        "files": {name: {"path": fn, "sha256": sha256_file(os.path.join(path, fn))} for name, fn in FILES.items()},
+    }
+    _write_text(os.path.join(path, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _write_text(path: str, text: str) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(text)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="embedpipe export", description=__doc__.split("\n")[0])
+    pre.add_arguments(parser)
+    args = parser.parse_args(argv)
+    config, output_dir = pre.resolve(args)
+    return export(config, output_dir)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    run()

@@ -1,0 +1,74 @@
+"""The Keras model: one embedding table per categorical feature and cross, a small DNN head.
+
+`build_model` takes plain numbers (table sizes, dimensions, feature names), so it is unit-testable
+without any tf.Transform artifacts; `trainer.train` reads those numbers from the transform output.
+Each table is the layer named `<feature>_embedding` (see `embedding_layer_name`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    rows: int
+    dim: int
+
+
+def embedding_layer_name(table: str) -> str:
+    return f"{table}_embedding"
+
+
+def build_model(
+    tables: list[Table],
+    numeric: list[str],
+    task: str,
+    *,
+    num_classes: int = 2,
+    hidden_units: tuple[int, ...] = (64, 32),
+    learning_rate: float = 0.003,
+    loss: str | None = None,
+) -> keras.Model:
+    """A compiled model over int64 id inputs (one per table) and float32 numeric inputs.
+
+    task: 'regression' (loss mse|mae|huber), 'binary' (sigmoid output) or 'multiclass'
+    (softmax over num_classes).
+    """
+    if not tables and not numeric:
+        raise ValueError("the model needs at least one table or numeric input")
+    inputs, parts = {}, []
+    for t in tables:
+        ids = keras.Input(shape=(), dtype="int64", name=t.name)
+        inputs[t.name] = ids
+        parts.append(keras.layers.Embedding(t.rows, t.dim, name=embedding_layer_name(t.name))(ids))
+    for name in numeric:
+        x = keras.Input(shape=(), dtype="float32", name=name)
+        inputs[name] = x
+        parts.append(keras.layers.Reshape((1,), name=f"{name}_column")(x))
+    x = parts[0] if len(parts) == 1 else keras.layers.Concatenate(name="features")(parts)
+    for i, units in enumerate(hidden_units):
+        x = keras.layers.Dense(units, activation="relu", name=f"hidden_{i}")(x)
+    if task == "regression":
+        output = keras.layers.Dense(1, name="prediction")(x)
+        loss_fn = {"mse": "mean_squared_error", "mae": "mean_absolute_error", "huber": "huber"}[loss or "mse"]
+        metrics = [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse")]
+    elif task == "binary":
+        output = keras.layers.Dense(1, activation="sigmoid", name="prediction")(x)
+        loss_fn = "binary_crossentropy"
+        metrics = [keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")]
+    else:
+        output = keras.layers.Dense(num_classes, activation="softmax", name="prediction")(x)
+        loss_fn = "sparse_categorical_crossentropy"
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    model = keras.Model(inputs=inputs, outputs=output, name="embedpipe")
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss_fn, metrics=metrics)
+    return model
+
+
+def headline_metric(task: str) -> str:
+    """The eval metric reported at the end of a run."""
+    return {"regression": "mae", "binary": "auc", "multiclass": "accuracy"}[task]

@@ -1,0 +1,135 @@
+"""Load an exported embedding table (the downstream side of `trainer.export`).
+
+    from trainer.tables import load_table
+
+    table = load_table("embedpipe_output/taxi/export/dow_x_hour")
+    table.vector("Tue x 2")          # np.ndarray [dim], float32
+    table["Tue x 2"]                 # the same
+    table.keys, table.vectors        # every key in row order, the [rows, dim] matrix
+    table.frequencies                # occurrences of each row in the training split
+    table.as_dict()                  # {key: vector}
+
+Loading checks every file against the sha256 in the table's `manifest.json` and the matrix
+against its declared shape, and fails with `TableError` naming the file otherwise. Nothing in
+the table directory is executed or unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tensorflow as tf
+
+FILES = {
+    "keys": "keys.tsv",
+    "vectors": "vectors.npy",
+    "parquet": "table.parquet",
+    "projector_config": "projector_config.pbtxt",
+    "projector_tensor": "vectors.tsv",
+    "projector_metadata": "metadata.tsv",
+}
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+class TableError(ValueError):
+    """An exported table that is incomplete, corrupted or inconsistent with its manifest."""
+
+
+def escape_key(key: str) -> str:
+    """A key as written on one line of keys.tsv / metadata.tsv."""
+    return "".join(_ESCAPES.get(c, c) for c in key)
+
+
+def unescape_key(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and text[i + 1] in _UNESCAPES:
+            out.append(_UNESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class EmbeddingTable:
+    name: str
+    keys: list[str]
+    vectors: np.ndarray
+    frequencies: np.ndarray
+    manifest: dict
+    _index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._index = {k: i for i, k in enumerate(self.keys)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def row(self, key: str) -> int:
+        try:
+            return self._index[key]
+        except KeyError:
+            raise KeyError(f"table {self.name!r} has no key {key!r}") from None
+
+    def vector(self, key: str) -> np.ndarray:
+        return self.vectors[self.row(key)]
+
+    __getitem__ = vector
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {k: self.vectors[i] for i, k in enumerate(self.keys)}
+
+
+def load_table(path: str, verify: bool = True) -> EmbeddingTable:
+    """Reads `<export>/<table>/` (keys, vectors and frequencies); see the module docstring."""
+    manifest_path = os.path.join(path, "manifest.json")
+    if not tf.io.gfile.exists(manifest_path):
+        raise TableError(f"{manifest_path}: missing; is {path!r} an exported table directory?")
+    with tf.io.gfile.GFile(manifest_path) as f:
+        manifest = json.load(f)
+    if verify:
+        for entry in manifest["files"].values():
+            file_path = os.path.join(path, entry["path"])
+            if not tf.io.gfile.exists(file_path):
+                raise TableError(f"{file_path}: missing (listed in {manifest_path})")
+            if sha256_file(file_path) != entry["sha256"]:
+                raise TableError(f"{file_path}: checksum does not match {manifest_path}; the file is damaged")
+    with tf.io.gfile.GFile(os.path.join(path, FILES["keys"])) as f:
+        keys = [unescape_key(line.rstrip("\n")) for line in f]
+    with tf.io.gfile.GFile(os.path.join(path, FILES["vectors"]), "rb") as f:
+        vectors = np.load(f, allow_pickle=False)
+    expected = (manifest["rows"], manifest["dim"])
+    if vectors.shape != expected or len(keys) != manifest["rows"]:
+        raise TableError(
+            f"{path}: manifest declares {expected[0]} rows x {expected[1]} dims, "
+            f"found vectors {vectors.shape} and {len(keys)} keys"
+        )
+    with tf.io.gfile.GFile(os.path.join(path, FILES["parquet"]), "rb") as f:
+        frequencies = pq.read_table(pa.BufferReader(f.read()), columns=["frequency"]).column(0).to_numpy()
+    return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest)

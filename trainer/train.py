@@ -1,0 +1,151 @@
+"""Training: learn the embedding tables inside a supervised model on the transformed data.
+
+    python -m trainer.train --config taxi --output /tmp/taxi     # after pipeline.preprocess
+
+Reads `<output>/preprocess/`, writes `<output>/model/`: `model.keras` (the Keras model),
+`serving/` (a SavedModel whose `serving_default` takes *raw* feature columns, applies the
+tf.Transform graph and returns `prediction`), `logs/` (TensorBoard), `history.json`; and the
+`train` section of `<output>/manifest.json` with the eval metrics.
+
+`--baseline` trains the same model without any embedding table (numeric features only): the
+yardstick the embeddings have to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import keras
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from pipeline import preprocess as pre
+from pipeline.manifest import read_manifest, update_manifest
+from pipeline.preprocessing import LABEL_KEY, LABEL_VOCABULARY
+from pipeline.tables import table_specs
+from schemas.config import Config
+from trainer.data import make_dataset
+from trainer.model import Table, build_model, headline_metric
+
+_LOG = logging.getLogger(__name__)
+
+
+def model_dir(output_dir: str, baseline: bool = False) -> str:
+    return os.path.join(output_dir, "baseline" if baseline else "model")
+
+
+class ServingModule(tf.Module):
+    """Raw features in, predictions out: the tf.Transform layer followed by the Keras model."""
+
+    def __init__(self, model: keras.Model, tft_output: tft.TFTransformOutput, raw_spec: dict):
+        super().__init__()
+        self.model = model
+        self.tft_layer = tft_output.transform_features_layer()
+        self.input_names = list(model.input.keys()) if isinstance(model.input, dict) else [model.input.name]
+        signature = {name: tf.TensorSpec([None], spec.dtype, name=name) for name, spec in raw_spec.items()}
+        self.serve = tf.function(self._serve, input_signature=[signature])
+
+    def _serve(self, raw: dict) -> dict:
+        transformed = self.tft_layer(raw)
+        prediction = self.model({k: transformed[k] for k in self.input_names}, training=False)
+        return {"prediction": prediction}
+
+
+def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: int | None = None) -> dict:
+    """Trains, saves the model and the serving SavedModel; returns the manifest section."""
+    started = time.time()
+    t = config.training
+    keras.utils.set_random_seed(t.seed)
+    tft_output = tft.TFTransformOutput(pre.transform_dir(output_dir))
+    specs = [] if baseline else table_specs(config, tft_output)
+    numeric = [n.name for n in config.numeric]
+    task = config.label.task
+    num_classes = tft_output.vocabulary_size_by_name(LABEL_VOCABULARY) if task == "multiclass" else 2
+    model = build_model(
+        [Table(s.name, s.rows, s.dim) for s in specs],
+        numeric,
+        task,
+        num_classes=num_classes,
+        hidden_units=t.hidden_units,
+        learning_rate=t.learning_rate,
+        loss=config.label.loss,
+    )
+    used = [s.name for s in specs] + numeric + [LABEL_KEY]
+    spec = {k: v for k, v in tft_output.transformed_feature_spec().items() if k in used}
+    rows = read_manifest(output_dir).get("preprocess", {}).get("rows", {})
+    datasets = {
+        split: make_dataset(
+            pre.examples_pattern(output_dir, split),
+            spec,
+            t.batch_size,
+            shuffle=split == "train",
+            seed=t.seed,
+            label_shape_1=task != "multiclass",
+            num_rows=rows.get(split),
+        )
+        for split in ("train", "eval")
+    }
+    out = model_dir(output_dir, baseline)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience, restore_best_weights=True),
+        keras.callbacks.TensorBoard(log_dir=os.path.join(out, "logs")),
+    ]
+    _LOG.info(
+        "train: %s model, tables %s, numeric %s, up to %d epochs",
+        "baseline" if baseline else "embedding",
+        {s.name: f"{s.rows}x{s.dim}" for s in specs},
+        numeric,
+        epochs or t.epochs,
+    )
+    history = model.fit(
+        datasets["train"],
+        validation_data=datasets["eval"],
+        epochs=epochs or t.epochs,
+        callbacks=callbacks,
+        shuffle=False,  # the dataset shuffles itself
+        verbose=2,
+    )
+    metrics = {k: float(v) for k, v in model.evaluate(datasets["eval"], verbose=0, return_dict=True).items()}
+    model.save(os.path.join(out, "model.keras"))
+    raw_spec = pre.raw_feature_spec(config, include_label=False)
+    serving = ServingModule(model, tft_output, raw_spec)
+    tf.saved_model.save(serving, os.path.join(out, "serving"), signatures={"serving_default": serving.serve})
+    with tf.io.gfile.GFile(os.path.join(out, "history.json"), "w") as f:
+        json.dump({k: [float(x) for x in v] for k, v in history.history.items()}, f, indent=1)
+    elapsed = time.time() - started
+    headline = headline_metric(task)
+    section = {
+        "model_dir": out,
+        "baseline": baseline,
+        "epochs_run": len(history.history["loss"]),
+        "eval_metrics": metrics,
+        "headline_metric": {"name": headline, "value": metrics[headline]},
+        "tables": {s.name: {"rows": s.rows, "dim": s.dim} for s in specs},
+        "timings_s": {"train": round(elapsed, 2)},
+    }
+    _LOG.info("train: eval %s = %.4f after %d epochs (%.1fs)", headline, metrics[headline], section["epochs_run"], elapsed)
+    update_manifest(output_dir, "baseline" if baseline else "train", section)
+    return section
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default: training.epochs of the config)")
+    parser.add_argument("--baseline", action="store_true", help="train without embedding tables (numeric features only)")
+
+
+def run(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="embedpipe train", description=__doc__.split("\n")[0])
+    pre.add_arguments(parser)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    config, output_dir = pre.resolve(args)
+    return train(config, output_dir, baseline=args.baseline, epochs=args.epochs)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    run()
