@@ -36,6 +36,10 @@ BAD_INT = "bad_int"
 BAD_FLOAT = "bad_float"
 
 
+class InputError(ValueError):
+    """Input data that cannot be read at all (as opposed to single bad rows)."""
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     """A rejected input row: why, where it came from, and the row as read."""
@@ -192,10 +196,6 @@ def validate_batch(batch: pa.RecordBatch, config: Config, source: str) -> tuple[
             arr = pc.cast(arr, pa.int64())  # whole numbers written as 16.0; fractions raise
         columns.append(_one_value_lists(pc.cast(arr, ARROW_TYPES[kind])))
     return pa.RecordBatch.from_arrays(columns, schema=canonical_schema(config)), dead
-
-
-class InputError(ValueError):
-    """Input data that cannot be read at all (as opposed to single bad rows)."""
 
 
 def _mark(reasons, details, mask, reason, col, what):

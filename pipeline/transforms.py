@@ -10,6 +10,7 @@ row-level logic itself is in `pipeline.rows`; these wrappers add batching, taggi
 from __future__ import annotations
 
 import json
+import logging
 
 import apache_beam as beam
 import numpy as np
@@ -28,6 +29,23 @@ DEAD = "dead"
 TRAIN = "train"
 EVAL = "eval"
 CSV_BATCH_LINES = 8192
+PROGRESS_EVERY_ROWS = 200_000
+
+_LOG = logging.getLogger(__name__)
+
+
+class _ReadProgress:
+    """Logs how many rows this worker has read, every PROGRESS_EVERY_ROWS rows."""
+
+    def __init__(self):
+        self.rows = 0
+        self.next_report = PROGRESS_EVERY_ROWS
+
+    def add(self, n: int, source: str) -> None:
+        self.rows += n
+        if self.rows >= self.next_report:
+            _LOG.info("read %d rows so far on this worker (now reading %s)", self.rows, source)
+            self.next_report += PROGRESS_EVERY_ROWS
 
 
 class ReadRawLogs(beam.PTransform):
@@ -68,6 +86,9 @@ class _ParseCsvLines(beam.DoFn):
         self.config = config
         self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
 
+    def setup(self):
+        self._progress = _ReadProgress()
+
     def start_bundle(self):
         self._buffers: dict[str, list[bytes]] = {}
 
@@ -89,6 +110,7 @@ class _ParseCsvLines(beam.DoFn):
     def _flush(self, source):
         lines = self._buffers.pop(source)
         self.rows_read.inc(len(lines))
+        self._progress.add(len(lines), source)
         batch, dead = rows.parse_csv_lines(lines, self.config, source)
         for letter in dead:
             yield beam.pvalue.TaggedOutput(DEAD, letter)
@@ -101,8 +123,12 @@ class _TagParquetBatches(beam.DoFn):
         self.source = source
         self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
 
+    def setup(self):
+        self._progress = _ReadProgress()
+
     def process(self, batch: pa.RecordBatch):
         self.rows_read.inc(batch.num_rows)
+        self._progress.add(batch.num_rows, self.source)
         yield self.source, batch
 
 

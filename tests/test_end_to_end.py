@@ -74,3 +74,15 @@ def test_serving_model_takes_raw_features(run_dir):
     prediction = serving.signatures["serving_default"](**raw)["prediction"].numpy()
     assert prediction.shape == (3, 1) and np.isfinite(prediction).all()
     assert manifest["train"]["headline_metric"]["name"] == "mae"
+
+
+@pytest.mark.slow
+def test_bundled_sample_main_job(tmp_path, monkeypatch, capsys):
+    """`embedpipe run` with no arguments, as the README says (writes under the working dir)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run"]) == 0
+    out = capsys.readouterr().out
+    assert "10000 read" in out and "eval auc:" in out
+    manifest = json.load(open(tmp_path / "embedpipe_output" / "taxi" / "manifest.json"))
+    assert manifest["train"]["headline_metric"]["value"] > 0.55
+    assert load_table(str(tmp_path / "embedpipe_output" / "taxi" / "export" / "dow_x_hour")).dim == 4

@@ -140,7 +140,8 @@ def write_svg(path: str, keys: list, table, source: str) -> None:
         colour = f"hsl({int(360 * hour / 24)},75%,45%)"
         parts.append(f'<circle cx="{x:.1f}" cy="{y + 20:.1f}" r="4" fill="{colour}"/>')
         parts.append(f'<text x="{x + 5:.1f}" y="{y + 17:.1f}" font-size="8" fill="{colour}">{day[:2]}{hour}</text>')
-    parts.append(f'<text x="{pad}" y="{h + 22}" font-size="10" fill="#666">{os.path.basename(os.path.dirname(os.path.dirname(source)))}</text>')
+    caption = f"table {table.name}: {len(table)} rows x {table.dim} dims, from {source}"
+    parts.append(f'<text x="{pad}" y="{h + 22}" font-size="10" fill="#666">{caption}</text>')
     parts.append("</svg>")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
