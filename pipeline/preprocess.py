@@ -29,7 +29,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
@@ -102,7 +102,6 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
         # local run stays in-process and offline. --direct_num_workers and
         # --direct_running_mode keep working.
         standard.runner = LOCAL_RUNNER
-        options.view_as(DirectOptions).direct_num_workers = options.view_as(DirectOptions).direct_num_workers or 1
     return options
 
 
@@ -140,13 +139,13 @@ def preprocess(config: Config, output_dir: str, beam_args: list[str] | None = No
     if FileSystems.exists(out):
         FileSystems.delete([out])  # stale shards of an earlier run must not be read as this run's
     options = pipeline_options(list(beam_args or []))
-    temp_dir = options.get_all_options().get("temp_location") or tempfile.mkdtemp(prefix="embedpipe-tft-")
     _LOG.info("preprocess: %s (%d file(s)) -> %s", config.input.path, len(matches), out)
     started = time.time()
-    p = beam.Pipeline(options=options)
-    build_pipeline(p, config, output_dir, temp_dir)
-    result = p.run()
-    result.wait_until_finish()
+    with tempfile.TemporaryDirectory(prefix="embedpipe-tft-") as local_temp:
+        p = beam.Pipeline(options=options)
+        build_pipeline(p, config, output_dir, options.get_all_options().get("temp_location") or local_temp)
+        result = p.run()
+        result.wait_until_finish()
     elapsed = time.time() - started
     counts = _counters(result)
     tft_output = tft.TFTransformOutput(transform_dir(output_dir))

@@ -6,7 +6,8 @@ baked into the transform graph that serving applies to raw features. Outputs:
 * one int64 id per categorical feature and cross, named after the feature (rows of its table);
 * one float per numeric feature (z-scored unless `normalize: none`), and `<name>_bucket` ids
   where `bucketize` is set;
-* `label` (float for regression, 0/1 for binary, class index for multiclass).
+* `label` (float for regression, 0/1 for binary, class index for multiclass, with one extra
+  class for values never seen in training).
 
 Vocabularies are named after their feature (`vocab_filename=<feature>`) so the trainer and the
 exporter find them with `TFTransformOutput.vocabulary_by_name(<feature>)`.
@@ -17,10 +18,9 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from schemas.config import CategoricalFeature, Config
+from schemas.config import LABEL_KEY, CategoricalFeature, Config
 
-LABEL_KEY = "label"
-LABEL_VOCABULARY = "label"
+LABEL_VOCABULARY = LABEL_KEY
 
 
 def make_preprocessing_fn(config: Config):
@@ -73,7 +73,8 @@ def _label(config: Config, y: tf.Tensor) -> tf.Tensor:
         if config.label.positive is not None:
             return tf.cast(tf.equal(_as_string(y), config.label.positive), tf.int64)
         return tf.cast(tf.not_equal(y, 0), tf.int64)
-    return tft.compute_and_apply_vocabulary(y, vocab_filename=LABEL_VOCABULARY)
+    # One OOV class (index = number of classes seen in training) for classes only eval has.
+    return tft.compute_and_apply_vocabulary(y, num_oov_buckets=1, vocab_filename=LABEL_VOCABULARY)
 
 
 def _as_string(x: tf.Tensor) -> tf.Tensor:

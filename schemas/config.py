@@ -28,6 +28,8 @@ INPUT_FORMATS = ("csv", "parquet")
 TASKS = ("regression", "binary", "multiclass")
 CATEGORICAL_TYPES = ("vocabulary", "identity", "hash")
 REGRESSION_LOSSES = ("mse", "mae", "huber")
+# Name of the transformed label; no feature may use it.
+LABEL_KEY = "label"
 
 # Embedding size rule of thumb: round(rows ** 0.25), clamped to this range. Below 2 a table
 # cannot express similarity beyond a single axis; above 64 the rule is no longer the right tool
@@ -275,8 +277,8 @@ class _Parser:
         for feature_name in names:
             if names.count(feature_name) > 1:
                 self.fail(feature_name, "feature name is used more than once")
-            if feature_name == label.column:
-                self.fail(feature_name, "a feature cannot share its name with the label column")
+            if feature_name in (label.column, LABEL_KEY):
+                self.fail(feature_name, f"a feature cannot be named {feature_name!r} (the label's name)")
         if not names:
             self.fail("categorical", "the config declares no features")
         return Config(
@@ -382,6 +384,8 @@ class _Parser:
             required=("type",),
         )
         col = self.column(m.get("column", name), f"{where}.column", columns, label)
+        if m["type"] == "identity" and columns[col] != "int":
+            self.fail(f"{where}.column", f"an identity feature needs an int column, {col!r} is {columns[col]}")
         return self._table(str(name), where, m, (col,))
 
     def cross(self, name, raw, columns, label) -> CategoricalFeature:

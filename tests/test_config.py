@@ -46,9 +46,11 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
         ("columns: [a, b]", "columns: [a]", "crosses.a_x_b.columns: a cross needs two or more columns"),
         ("b: int}", "b: integer}", "input.columns.b: expected one of string, int, float"),
         ("task: regression", "task: ranking", "label.task: expected one of"),
-        ("a: {type: vocabulary, top_k: 10}", "a: {type: identity}", "categorical.a.num_buckets: an identity feature needs"),
+        ("a: {type: vocabulary, top_k: 10}", "b: {type: identity}", "categorical.b.num_buckets: an identity feature needs"),
+        ("a: {type: vocabulary, top_k: 10}", "a: {type: identity, num_buckets: 3}", "categorical.a.column: an identity feature needs an int"),
         ("a: {type: vocabulary, top_k: 10}", "a: {type: hash, hash_buckets: 8, top_k: 3}", "categorical.a.top_k: does not apply"),
         ("name: t", "name: t\nextra: 1", "extra: unknown key"),
+        ("a: {type: vocabulary, top_k: 10}", "label: {type: vocabulary, column: a}", "label: a feature cannot be named"),
     ],
 )
 def test_bad_config_names_the_field(write_config, old, new, field):
@@ -66,6 +68,14 @@ def test_cli_reports_bad_config_in_one_line(write_config, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith("embedpipe: error: ") and "crosses.a_x_b.columns[1]" in err
+
+
+def test_cli_reports_missing_input_in_one_line(capsys, tmp_path):
+    missing = str(tmp_path / "nope-*.csv")
+    assert cli.main(["preprocess", "--input", missing, "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("embedpipe: error: input.path: no file matches")
+    assert missing in err
 
 
 def test_auto_dim_is_fourth_root_clamped():

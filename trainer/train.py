@@ -45,7 +45,7 @@ class ServingModule(tf.Module):
         super().__init__()
         self.model = model
         self.tft_layer = tft_output.transform_features_layer()
-        self.input_names = list(model.input.keys()) if isinstance(model.input, dict) else [model.input.name]
+        self.input_names = list(model.input)  # build_model's inputs are a dict by feature name
         signature = {name: tf.TensorSpec([None], spec.dtype, name=name) for name, spec in raw_spec.items()}
         self.serve = tf.function(self._serve, input_signature=[signature])
 
@@ -64,7 +64,8 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
     specs = [] if baseline else table_specs(config, tft_output)
     numeric = [n.name for n in config.numeric]
     task = config.label.task
-    num_classes = tft_output.vocabulary_size_by_name(LABEL_VOCABULARY) if task == "multiclass" else 2
+    # multiclass: the classes seen in training plus the one OOV class (see pipeline.preprocessing)
+    num_classes = tft_output.vocabulary_size_by_name(LABEL_VOCABULARY) + 1 if task == "multiclass" else 2
     model = build_model(
         [Table(s.name, s.rows, s.dim) for s in specs],
         numeric,
