@@ -135,6 +135,10 @@ def preprocess(config: Config, output_dir: str, beam_args: list[str] | None = No
     matches = FileSystems.match([config.input.path])[0].metadata_list
     if not matches:
         raise rows.InputError(f"input.path: no file matches {config.input.path!r} (config {config.source})")
+    if config.input.format == "csv" and config.input.header:
+        for match in matches:
+            with FileSystems.open(match.path, compression_type="uncompressed") as f:
+                rows.check_csv_header(f.readline(), config, match.path)
     out = preprocess_dir(output_dir)
     if FileSystems.exists(out):
         FileSystems.delete([out])  # stale shards of an earlier run must not be read as this run's

@@ -11,6 +11,7 @@ TFXIO tensor adapter turns into dense tensors for tf.Transform.
 
 from __future__ import annotations
 
+import csv
 import io
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from schemas.config import Config
 
 ARROW_TYPES = {"int": pa.int64(), "float": pa.float32(), "string": pa.large_binary()}
 
-_INT_PATTERN = r"^\s*[-+]?\d+(\.0*)?\s*$"
+_INT_PATTERN = r"^\s*[-+]?\d{1,18}(\.0*)?\s*$"
 _FLOAT_PATTERN = r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$"
 
 # Dead-letter reasons (also the names of the Beam counters that count them).
@@ -64,18 +65,21 @@ def canonical_schema(config: Config) -> pa.Schema:
 def parse_csv_lines(lines: list[bytes], config: Config, source: str) -> tuple[pa.RecordBatch, list[DeadLetter]]:
     """Parse CSV lines (no header) into a batch of nullable string columns.
 
-    Lines that are empty, not UTF-8 or do not have the configured number of fields become dead
-    letters; every other line is a row of the result, in order.
+    Lines that are empty, not UTF-8, hold a carriage return or an unbalanced quote (a quoted
+    field cannot span lines here), or do not have the configured number of fields become dead
+    letters; every other line is exactly one row of the result, in order.
     """
-    names = config.raw_columns
     dead: list[DeadLetter] = []
     kept = []
     for line in lines:
         if not line.strip():
             dead.append(DeadLetter(EMPTY_LINE, "empty line", source, line.decode("utf-8", "replace")))
+        elif b"\r" in line:
+            # The parser would end a row there; Beam's line reader only splits on LF.
+            dead.append(DeadLetter(MALFORMED_CSV, "carriage return inside a line", source, _text(line)))
         elif line.count(b'"') % 2:
             # An unbalanced quote would make the parser swallow the following lines into one row.
-            dead.append(DeadLetter(MALFORMED_CSV, "unbalanced quote", source, line.decode("utf-8", "replace")))
+            dead.append(DeadLetter(MALFORMED_CSV, "unbalanced quote", source, _text(line)))
         else:
             kept.append(line)
     try:
@@ -86,44 +90,60 @@ def parse_csv_lines(lines: list[bytes], config: Config, source: str) -> tuple[pa
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                dead.append(DeadLetter(INVALID_UTF8, str(e), source, line.decode("utf-8", "replace")))
+                dead.append(DeadLetter(INVALID_UTF8, str(e), source, _text(line)))
             else:
                 good.append(line)
         kept = good
     if not kept:
-        return _empty_strings(names), dead
+        return _empty_strings(config.raw_columns), dead
     try:
-        return _read_csv_block(kept, config, source, dead), dead
+        batch, rejected = _read_csv_block(kept, config, source)
     except pa.ArrowInvalid:
-        # A parse error that is not a field-count mismatch (e.g. an unterminated quote) fails the
-        # whole block: find the offending lines one by one.
-        batches = []
-        for line in kept:
-            try:
-                batches.append(_read_csv_block([line], config, source, dead))
-            except pa.ArrowInvalid as e:
-                dead.append(DeadLetter(MALFORMED_CSV, str(e).strip(), source, line.decode("utf-8")))
-        table = pa.Table.from_batches(batches, schema=_empty_strings(names).schema)
-        return table.combine_chunks().to_batches()[0] if table.num_rows else _empty_strings(names), dead
+        batch = None  # a parse error that is not a field-count mismatch: find the lines one by one
+    if batch is not None and batch.num_rows + len(rejected) == len(kept):
+        return batch, dead + rejected
+    batches = []
+    for line in kept:
+        try:
+            batch, rejected = _read_csv_block([line], config, source)
+        except pa.ArrowInvalid as e:
+            dead.append(DeadLetter(MALFORMED_CSV, str(e).strip(), source, _text(line)))
+            continue
+        if batch.num_rows + len(rejected) == 1:
+            batches.append(batch)
+            dead.extend(rejected)
+        else:
+            dead.append(DeadLetter(MALFORMED_CSV, f"parses as {batch.num_rows} rows", source, _text(line)))
+    table = pa.Table.from_batches(batches, schema=_empty_strings(config.raw_columns).schema).combine_chunks()
+    return (table.to_batches()[0] if table.num_rows else _empty_strings(config.raw_columns)), dead
 
 
-def _read_csv_block(lines: list[bytes], config: Config, source: str, dead: list[DeadLetter]) -> pa.RecordBatch:
+def check_csv_header(first_line: bytes, config: Config, source: str) -> None:
+    """Raises InputError unless a CSV file's header names the configured columns, in order."""
+    text = first_line.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")
+    found = next(csv.reader([text], delimiter=config.input.delimiter), [])
+    if found != config.raw_columns:
+        raise InputError(
+            f"{source}: header {found} does not match input.columns of {config.source} "
+            f"{config.raw_columns} (columns are read by position; set header: false for files without one)"
+        )
+
+
+def _read_csv_block(lines: list[bytes], config: Config, source: str) -> tuple[pa.RecordBatch, list[DeadLetter]]:
+    """One pyarrow parse of `lines`; rows with the wrong field count come back as dead letters."""
     names = config.raw_columns
+    rejected: list[DeadLetter] = []
 
     def on_invalid_row(row) -> str:
-        dead.append(
-            DeadLetter(
-                MALFORMED_CSV,
-                f"expected {row.expected_columns} fields, got {row.actual_columns}",
-                source,
-                row.text,
-            )
-        )
+        detail = f"expected {row.expected_columns} fields, got {row.actual_columns}"
+        rejected.append(DeadLetter(MALFORMED_CSV, detail, source, row.text))
         return "skip"
 
+    data = b"\n".join(lines) + b"\n"
     table = pacsv.read_csv(
-        io.BytesIO(b"\n".join(lines) + b"\n"),
-        read_options=pacsv.ReadOptions(column_names=names, use_threads=False),
+        io.BytesIO(data),
+        # One block for the whole batch, so that no line straddles a block boundary.
+        read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=max(1 << 20, len(data) + 1)),
         parse_options=pacsv.ParseOptions(
             delimiter=config.input.delimiter, invalid_row_handler=on_invalid_row, ignore_empty_lines=False
         ),
@@ -133,9 +153,12 @@ def _read_csv_block(lines: list[bytes], config: Config, source: str, dead: list[
             strings_can_be_null=True,
         ),
     )
-    table = table.combine_chunks()
-    batches = table.to_batches()
-    return batches[0] if batches else _empty_strings(names)
+    batches = table.combine_chunks().to_batches()
+    return (batches[0] if batches else _empty_strings(names)), rejected
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", "replace")
 
 
 def _empty_strings(names: list[str]) -> pa.RecordBatch:
@@ -161,21 +184,9 @@ def validate_batch(batch: pa.RecordBatch, config: Config, source: str) -> tuple[
     details = np.full(n, "", dtype=object)
     values = {}
     for col, kind in config.input.columns.items():
-        arr = batch.column(col)
-        if pa.types.is_dictionary(arr.type):
-            arr = arr.dictionary_decode()
-        if pa.types.is_floating(arr.type):
-            arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
-        is_text = pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
-        bad = np.zeros(n, dtype=bool)
-        if kind != "string" and is_text:
-            pattern = _INT_PATTERN if kind == "int" else _FLOAT_PATTERN
-            ok = pc.fill_null(pc.match_substring_regex(arr, pattern), True)
-            bad = ~ok.to_numpy(zero_copy_only=False)
-            if bad.any():
-                _mark(reasons, details, bad, BAD_INT if kind == "int" else BAD_FLOAT, col, "not a number")
-                arr = pc.if_else(ok, arr, pa.scalar(None, arr.type))
-            arr = pc.cast(pc.utf8_trim_whitespace(arr), pa.float64())
+        arr, bad = _convert(batch.column(col), kind)
+        if bad.any():
+            _mark(reasons, details, bad, BAD_INT if kind == "int" else BAD_FLOAT, col, f"not a valid {kind}")
         if col in config.input.defaults:
             arr = pc.fill_null(arr, pa.scalar(config.input.defaults[col]).cast(arr.type))
         null = arr.is_null().to_numpy(zero_copy_only=False) & ~bad
@@ -189,13 +200,41 @@ def validate_batch(batch: pa.RecordBatch, config: Config, source: str) -> tuple[
         for row, reason, detail in zip(raw, reasons[rejected], details[rejected]):
             dead.append(DeadLetter(reason, detail, source, {k: _jsonable(v) for k, v in row.items()}))
     keep = pa.array(~rejected)
-    columns = []
-    for col, kind in config.input.columns.items():
-        arr = values[col].filter(keep)
-        if kind == "int" and pa.types.is_floating(arr.type):
-            arr = pc.cast(arr, pa.int64())  # whole numbers written as 16.0; fractions raise
-        columns.append(_one_value_lists(pc.cast(arr, ARROW_TYPES[kind])))
+    columns = [_one_value_lists(values[col].filter(keep)) for col in config.input.columns]
     return pa.RecordBatch.from_arrays(columns, schema=canonical_schema(config)), dead
+
+
+def _convert(arr: pa.Array, kind: str) -> tuple[pa.Array, np.ndarray]:
+    """A column as its declared type: (array with nulls where missing or bad, mask of bad values).
+
+    Text (CSV) is checked against a pattern first, so a bad value rejects its row, not the batch;
+    typed (Parquet) values are checked for what the cast would lose. Ints are at most 18 digits
+    (whole numbers written as `16.0` are fine); NaN counts as missing; infinities are bad.
+    """
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if pa.types.is_floating(arr.type):
+        arr = pc.if_else(pc.is_nan(arr), pa.scalar(None, arr.type), arr)
+    is_text = pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
+    if kind == "string":
+        return pc.cast(arr if is_text else pc.cast(arr, pa.string()), pa.large_binary()), np.zeros(len(arr), bool)
+    if is_text:
+        ok = pc.fill_null(pc.match_substring_regex(arr, _INT_PATTERN if kind == "int" else _FLOAT_PATTERN), True)
+        arr = pc.utf8_trim_whitespace(pc.if_else(ok, arr, pa.scalar(None, arr.type)))
+        if kind == "int":
+            arr = pc.replace_substring_regex(arr, r"\.0*$", "")
+        arr = pc.cast(arr, ARROW_TYPES[kind])
+    elif kind == "int" and pa.types.is_floating(arr.type):
+        whole = pc.and_(pc.equal(pc.floor(arr), arr), pc.less_equal(pc.abs(arr), 2.0**53))
+        ok = pc.fill_null(whole, True)
+        arr = pc.cast(pc.if_else(ok, arr, pa.scalar(None, arr.type)), pa.int64(), safe=False)
+    else:
+        ok = pa.array(np.ones(len(arr), bool))
+        arr = pc.cast(arr, ARROW_TYPES[kind])
+    if kind == "float":
+        ok = pc.and_(ok, pc.fill_null(pc.is_finite(arr), True))
+        arr = pc.if_else(ok, arr, pa.scalar(None, arr.type))
+    return arr, ~ok.to_numpy(zero_copy_only=False)
 
 
 def _mark(reasons, details, mask, reason, col, what):

@@ -59,10 +59,14 @@ def table_specs(config: Config, tft_output: tft.TFTransformOutput) -> list[Table
 
 
 def table_keys(spec: TableSpec, tft_output: tft.TFTransformOutput) -> list[str]:
-    """The key of every row of a table, in row order (len == spec.rows)."""
+    """The key of every row of a table, in row order (len == spec.rows, all distinct)."""
     if spec.kind == "vocabulary":
         vocab = [_decode(t) for t in tft_output.vocabulary_by_name(spec.name)]
-        return vocab + [f"<OOV {i}>" for i in range(spec.oov_rows)]
+        keys = vocab + [f"<OOV {i}>" for i in range(spec.oov_rows)]
+        if len(set(keys)) != len(keys):
+            clash = sorted(set(vocab) & set(keys[len(vocab):]))
+            raise ValueError(f"table {spec.name}: the value(s) {clash} collide with the OOV row keys")
+        return keys
     if spec.kind == "identity":
         return [str(i) for i in range(spec.rows - 1)] + ["<OOV>"]
     label = "hash" if spec.kind == "hash" else "bucket"

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -36,6 +38,10 @@ LABEL_KEY = "label"
 # (set an explicit `dim` instead).
 AUTO_DIM_MIN = 2
 AUTO_DIM_MAX = 64
+MAX_TABLE_ROWS = 50_000_000
+MAX_BUCKETIZE = 10_000
+# Feature names become vocabulary file names, Keras layer names and TensorBoard run names.
+FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class ConfigError(ValueError):
@@ -233,7 +239,7 @@ class _Parser:
         return value
 
     def number(self, value, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             self.fail(where, f"expected a positive number, got {value!r}")
         return float(value)
 
@@ -275,6 +281,8 @@ class _Parser:
         names = [f.name for f in categorical] + [n.name for n in numeric]
         names += [n.bucket_feature for n in numeric if n.bucketize]
         for feature_name in names:
+            if not FEATURE_NAME.match(feature_name):
+                self.fail(feature_name, "a feature name must be letters, digits and underscores, not starting with a digit")
             if names.count(feature_name) > 1:
                 self.fail(feature_name, "feature name is used more than once")
             if feature_name in (label.column, LABEL_KEY):
@@ -310,13 +318,15 @@ class _Parser:
         path = self.string(m["path"], "input.path")
         if "://" not in path and not os.path.isabs(path):
             path = os.path.normpath(os.path.join(os.path.dirname(self.path), path))
-        cols = self.mapping(m["columns"], "input.columns", tuple(m["columns"] or ()))
+        if not isinstance(m["columns"], dict):
+            self.fail("input.columns", f"expected a mapping of column name to type, got {m['columns']!r}")
+        cols = self.mapping(m["columns"], "input.columns", tuple(m["columns"]))
         if not cols:
             self.fail("input.columns", "at least one column is required")
         columns = {str(c): self.string(t, f"input.columns.{c}", COLUMN_TYPES) for c, t in cols.items()}
         delimiter = self.string(m.get("delimiter", ","), "input.delimiter")
-        if len(delimiter) != 1:
-            self.fail("input.delimiter", f"expected a single character, got {delimiter!r}")
+        if len(delimiter) != 1 or delimiter in '\r\n"':
+            self.fail("input.delimiter", f"expected a single character other than CR, LF and '\"', got {delimiter!r}")
         nulls = m.get("null_values", ["", "NA"])
         if not isinstance(nulls, list) or not all(isinstance(v, str) for v in nulls):
             self.fail("input.null_values", f"expected a list of strings, got {nulls!r}")
@@ -343,6 +353,12 @@ class _Parser:
             self.fail(where, f"column {col!r} is the label; a feature cannot read it")
         return col
 
+    def categorical_column(self, value, where: str, columns: dict, label: LabelConfig) -> str:
+        col = self.column(value, where, columns, label)
+        if columns[col] == "float":
+            self.fail(where, f"column {col!r} is float: categorical features and crosses take string or int columns")
+        return col
+
     def label(self, raw, columns) -> LabelConfig:
         m = self.mapping(raw, "label", ("column", "task", "positive", "loss"), required=("column", "task"))
         col = self.column(m["column"], "label.column", columns)
@@ -351,6 +367,8 @@ class _Parser:
         if task == "binary":
             if columns[col] == "string" and positive is None:
                 self.fail("label.positive", "a binary task on a string column needs the positive value")
+            if columns[col] != "string" and positive is not None:
+                self.fail("label.positive", f"column {col!r} is numeric: its non-zero values are the positives")
             if positive is not None:
                 positive = str(positive)
         elif positive is not None:
@@ -362,6 +380,8 @@ class _Parser:
             loss = self.string(loss, "label.loss", REGRESSION_LOSSES)
         if task == "regression" and columns[col] == "string":
             self.fail("label.column", f"a regression label must be numeric, column {col!r} is a string")
+        if task == "multiclass" and columns[col] == "float":
+            self.fail("label.column", f"a multiclass label must be a string or int column, {col!r} is float")
         return LabelConfig(column=col, task=task, positive=positive, loss=loss or ("mse" if task == "regression" else None))
 
     def split(self, raw, columns) -> SplitConfig:
@@ -383,7 +403,7 @@ class _Parser:
             ("column", "type", "dim", "top_k", "min_count", "oov_buckets", "num_buckets", "hash_buckets"),
             required=("type",),
         )
-        col = self.column(m.get("column", name), f"{where}.column", columns, label)
+        col = self.categorical_column(m.get("column", name), f"{where}.column", columns, label)
         if m["type"] == "identity" and columns[col] != "int":
             self.fail(f"{where}.column", f"an identity feature needs an int column, {col!r} is {columns[col]}")
         return self._table(str(name), where, m, (col,))
@@ -400,7 +420,7 @@ class _Parser:
         if len(cols) < 2:
             self.fail(f"{where}.columns", "a cross needs two or more columns")
         for i, col in enumerate(cols):
-            self.column(col, f"{where}.columns[{i}]", columns, label)
+            self.categorical_column(col, f"{where}.columns[{i}]", columns, label)
         if m["type"] == "identity":
             self.fail(f"{where}.type", "a cross is hashed or looked up in a vocabulary, not identity")
         return self._table(str(name), where, m, cols)
@@ -417,17 +437,17 @@ class _Parser:
                 self.fail(f"{where}.{key}", f"does not apply to type {kind} (it takes: {', '.join(needs[kind])})")
         if kind == "vocabulary":
             if m.get("top_k") is not None:
-                kwargs["top_k"] = self.integer(m["top_k"], f"{where}.top_k")
+                kwargs["top_k"] = self.integer(m["top_k"], f"{where}.top_k", 1, MAX_TABLE_ROWS)
             kwargs["min_count"] = self.integer(m.get("min_count", 1), f"{where}.min_count")
             kwargs["oov_buckets"] = self.integer(m.get("oov_buckets", 1), f"{where}.oov_buckets")
         elif kind == "identity":
             if "num_buckets" not in m:
                 self.fail(f"{where}.num_buckets", "an identity feature needs num_buckets")
-            kwargs["num_buckets"] = self.integer(m["num_buckets"], f"{where}.num_buckets")
+            kwargs["num_buckets"] = self.integer(m["num_buckets"], f"{where}.num_buckets", 1, MAX_TABLE_ROWS)
         else:
             if "hash_buckets" not in m:
                 self.fail(f"{where}.hash_buckets", "a hash feature needs hash_buckets")
-            kwargs["hash_buckets"] = self.integer(m["hash_buckets"], f"{where}.hash_buckets", 2)
+            kwargs["hash_buckets"] = self.integer(m["hash_buckets"], f"{where}.hash_buckets", 2, MAX_TABLE_ROWS)
         return CategoricalFeature(**kwargs)
 
     def numeric(self, name, raw, columns, label) -> NumericFeature:
@@ -441,7 +461,7 @@ class _Parser:
             name=str(name),
             column=col,
             normalize=self.string(m.get("normalize", "zscore"), f"{where}.normalize", ("zscore", "none")),
-            bucketize=None if bucketize is None else self.integer(bucketize, f"{where}.bucketize", 2),
+            bucketize=None if bucketize is None else self.integer(bucketize, f"{where}.bucketize", 2, MAX_BUCKETIZE),
             bucket_dim=self.dim(m.get("bucket_dim", "auto"), f"{where}.bucket_dim"),
         )
 

@@ -10,7 +10,7 @@ name: t
 input:
   format: csv
   path: data.csv
-  columns: {y: float, a: string, b: int}
+  columns: {y: float, a: string, b: int, f: float}
 label: {column: y, task: regression}
 categorical:
   a: {type: vocabulary, top_k: 10}
@@ -33,7 +33,7 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
     assert (a.type, a.top_k, a.oov_buckets, a.dim) == ("vocabulary", 10, 1, "auto")
     assert cross.is_cross and cross.columns == ("a", "b") and cross.hash_buckets == 32
     assert config.input.path == str(tmp_path / "data.csv")
-    assert config.feature_columns == ["a", "b"]
+    assert config.feature_columns == ["a", "b", "f"]
 
 
 @pytest.mark.parametrize(
@@ -44,12 +44,20 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
         ("a: {type: vocabulary, top_k: 10}", "a: {type: vocabulary, top_k: ten}", "categorical.a.top_k: expected an integer"),
         ("columns: [a, b]", "columns: [a, nope]", "crosses.a_x_b.columns[1]: column 'nope' is not declared"),
         ("columns: [a, b]", "columns: [a]", "crosses.a_x_b.columns: a cross needs two or more columns"),
-        ("b: int}", "b: integer}", "input.columns.b: expected one of string, int, float"),
+        ("b: int,", "b: integer,", "input.columns.b: expected one of string, int, float"),
         ("task: regression", "task: ranking", "label.task: expected one of"),
         ("a: {type: vocabulary, top_k: 10}", "b: {type: identity}", "categorical.b.num_buckets: an identity feature needs"),
         ("a: {type: vocabulary, top_k: 10}", "a: {type: identity, num_buckets: 3}", "categorical.a.column: an identity feature needs an int"),
         ("a: {type: vocabulary, top_k: 10}", "a: {type: hash, hash_buckets: 8, top_k: 3}", "categorical.a.top_k: does not apply"),
         ("name: t", "name: t\nextra: 1", "extra: unknown key"),
+        ("a: {type: vocabulary, top_k: 10}", "a.b: {type: vocabulary, column: a}", "a.b: a feature name must be"),
+        ("columns: {y: float, a: string, b: int, f: float}", "columns: 5", "input.columns: expected a mapping"),
+        ("columns: [a, b]", "columns: [a, f]", "crosses.a_x_b.columns[1]: column 'f' is float"),
+        ("path: data.csv", "path: data.csv\n  delimiter: '\\n'", "input.delimiter: expected a single character"),
+        ("a: {type: vocabulary, top_k: 10}", "f: {type: hash, hash_buckets: 9}", "categorical.f.column: column 'f' is float"),
+        ("task: regression", "task: multiclass", "label.column: a multiclass label must be"),
+        ("task: regression", "task: binary, positive: 1", "label.positive: column 'y' is numeric"),
+        ("hash_buckets: 32", "hash_buckets: 100000000000", "crosses.a_x_b.hash_buckets: expected an integer between"),
         ("a: {type: vocabulary, top_k: 10}", "label: {type: vocabulary, column: a}", "label: a feature cannot be named"),
     ],
 )

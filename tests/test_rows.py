@@ -1,6 +1,7 @@
 """Row-level parsing and validation: every input line is either a good row or a dead letter."""
 
 import numpy as np
+import pytest
 import pyarrow as pa
 
 from pipeline import rows
@@ -80,3 +81,31 @@ def test_split_is_deterministic_and_independent_of_batching(tiny_config):
     pieces = np.concatenate([rows.eval_mask(good.slice(i, 50), tiny_config) for i in range(0, good.num_rows, 50)])
     np.testing.assert_array_equal(whole, pieces)
     assert 0.1 < whole.mean() < 0.4  # eval_percent: 25
+
+
+def test_csv_header_must_name_the_configured_columns(tiny_config):
+    rows.check_csv_header(b"\xef\xbb\xbfdelay,carrier,tail,day,hour,distance\r\n", tiny_config, "ok.csv")
+    with pytest.raises(rows.InputError, match=r"swapped.csv: header \['delay', 'tail', 'carrier'"):
+        rows.check_csv_header(b"delay,tail,carrier,day,hour,distance\n", tiny_config, "swapped.csv")
+
+
+def test_lines_never_split_or_double_count(tiny_config):
+    long_value = b"N" + b"x" * 2**21  # longer than pyarrow's default block
+    lines = [b"1.5,UA,N1\rTue,12,100", b"1.5,UA,N1,Tue,12", b"2,UA," + long_value + b",Tue,12,100"]
+    parsed, dead = rows.parse_csv_lines(lines, tiny_config, "f.csv")
+    assert parsed.num_rows == 1 and [d.reason for d in dead] == [rows.MALFORMED_CSV, rows.MALFORMED_CSV]
+
+
+def test_ints_are_exact_and_out_of_range_values_are_dead_letters(tiny_config):
+    lines = [b"1,AA,N1,Mon,9007199254740993,1", b"1,AA,N1,Mon,99999999999999999999,1", b"1,AA,N1,Mon,3,1e400"]
+    parsed, _ = rows.parse_csv_lines(lines, tiny_config, "f.csv")
+    good, dead = rows.validate_batch(parsed, tiny_config, "f.csv")
+    assert good.column("hour").to_pylist() == [[9007199254740993]]
+    assert [d.reason for d in dead] == [rows.BAD_INT, rows.BAD_FLOAT]
+    typed = pa.RecordBatch.from_pydict(
+        {"delay": [1.0, 2.0, 3.0], "carrier": [7, 8, 9], "tail": ["a", "b", "c"], "day": ["x", "y", "z"],
+         "hour": [1.5, 2.0, 1e300], "distance": [1.0, 2.0, 3.0]}
+    )
+    good, dead = rows.validate_batch(typed, tiny_config, "f.parquet")
+    assert good.column("hour").to_pylist() == [[2]] and good.column("carrier").to_pylist() == [[b"8"]]
+    assert [d.reason for d in dead] == [rows.BAD_INT, rows.BAD_INT]
