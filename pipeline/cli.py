@@ -101,7 +101,7 @@ def run_all(argv: list[str] | None = None) -> dict:
     config, output_dir = pre.resolve(args)
     logging.getLogger("embedpipe").info("run: config %s -> %s", config.source, output_dir)
     rows = pre.preprocess(config, output_dir, beam_args)["rows"]
-    trained = train.train(config, output_dir, epochs=args.epochs)
+    trained = train.train_any(config, output_dir, epochs=args.epochs)
     exported = export.export(config, output_dir)
     print(f"\nembedpipe run finished in {time.time() - started:.0f}s")
     _print_rows(rows)
@@ -121,8 +121,12 @@ def _print_rows(rows: dict) -> None:
 
 def _print_metric(section: dict) -> None:
     metric = section["headline_metric"]
-    others = ", ".join(f"{k} {v:.4f}" for k, v in sorted(section["eval_metrics"].items()))
-    print(f"  eval {metric['name']}: {metric['value']:.4f}   ({others})")
+    best = f" (best model: {metric['model']})" if "model" in metric else ""
+    print(f"  eval {metric['name']}: {metric['value']:.4f}{best}")
+    metrics = section["eval_metrics"]
+    # supervised: {metric: value}; collaborative: {model or "popularity": {metric: value}}
+    for name, values in (metrics.items() if isinstance(next(iter(metrics.values())), dict) else [("", metrics)]):
+        print(f"    {name + ': ' if name else ''}" + ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items())))
 
 
 def _setup_logging(verbose: bool) -> None:

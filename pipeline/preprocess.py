@@ -19,6 +19,7 @@ section of `<output>/manifest.json`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import tempfile
@@ -34,7 +35,7 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
 
-from pipeline import rows
+from pipeline import collaborative, rows
 from pipeline.manifest import update_manifest
 from pipeline.preprocessing import make_preprocessing_fn
 from pipeline.tables import table_specs
@@ -50,7 +51,7 @@ from pipeline.transforms import (
     WriteDeadLetters,
     WriteExamples,
 )
-from schemas.config import Config, load_config
+from schemas.config import CollaborativeConfig, Config, ConfigError, DatasetConfig, load_config
 
 _LOG = logging.getLogger(__name__)
 
@@ -105,9 +106,9 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-def build_pipeline(p: beam.Pipeline, config: Config, output_dir: str, temp_dir: str) -> None:
-    """Adds the whole job to `p`; the steps read as the list in the module docstring."""
-    out = preprocess_dir(output_dir)
+def build_pipeline(p: beam.Pipeline, config: Config, out: str, temp_dir: str) -> None:
+    """Adds the whole job to `p`, writing under `out` (`<output>/preprocess`); the steps read as
+    the list in the module docstring."""
     with tft_beam.Context(temp_dir=temp_dir):
         read = p | "ReadRawLogs" >> ReadRawLogs(config)
         validated = read.rows | "ParseAndValidate" >> ParseAndValidate(config)
@@ -122,7 +123,7 @@ def build_pipeline(p: beam.Pipeline, config: Config, output_dir: str, temp_dir: 
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(os.path.join(out, "transform"))
         _ = train | "WriteTrain" >> WriteExamples(os.path.join(out, "data", TRAIN))
         _ = eval_ | "WriteEval" >> WriteExamples(os.path.join(out, "data", EVAL))
-        _ = train | "CountIds" >> CountIds(config.tables, os.path.join(out, "id_counts.json"))
+        _ = train | "CountIds" >> CountIds({t: t for t in config.tables}, os.path.join(out, "id_counts.json"))
         _ = (
             (read[DEAD], validated[DEAD])
             | "CollectDeadLetters" >> beam.Flatten()
@@ -130,7 +131,7 @@ def build_pipeline(p: beam.Pipeline, config: Config, output_dir: str, temp_dir: 
         )
 
 
-def preprocess(config: Config, output_dir: str, beam_args: list[str] | None = None) -> dict:
+def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | None = None) -> dict:
     """Runs the job and writes the manifest section; returns that section."""
     matches = FileSystems.match([config.input.path])[0].metadata_list
     if not matches:
@@ -147,7 +148,8 @@ def preprocess(config: Config, output_dir: str, beam_args: list[str] | None = No
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="embedpipe-tft-") as local_temp:
         p = beam.Pipeline(options=options)
-        build_pipeline(p, config, output_dir, options.get_all_options().get("temp_location") or local_temp)
+        build = collaborative.build_pipeline if isinstance(config, CollaborativeConfig) else build_pipeline
+        build(p, config, out, options.get_all_options().get("temp_location") or local_temp)
         result = p.run()
         result.wait_until_finish()
     elapsed = time.time() - started
@@ -165,6 +167,7 @@ def preprocess(config: Config, output_dir: str, beam_args: list[str] | None = No
             "dead_letter": sum(dead.values()),
             "dead_letter_by_reason": dict(sorted(dead.items())),
         },
+        **({"users_evaluated": counts.get("users_evaluated", 0)} if isinstance(config, CollaborativeConfig) else {}),
         "tables": {s.name: s.to_json_dict() for s in specs},
         "outputs": {
             "transform": transform_dir(output_dir),
@@ -198,12 +201,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="taxi", help="bundled config name or path to a YAML config (default: taxi)")
     parser.add_argument("--input", help="input file or glob; overrides input.path of the config")
     parser.add_argument("--output", help="output directory (default: embedpipe_output/<config name>)")
+    parser.add_argument("--item-metadata", help="collaborative configs: item metadata file; overrides item_metadata.path")
 
 
-def resolve(args: argparse.Namespace) -> tuple[Config, str]:
+def resolve(args: argparse.Namespace) -> tuple[DatasetConfig, str]:
     config = load_config(args.config)
     if args.input:
         config = config.with_input_path(args.input)
+    if args.item_metadata:
+        if not isinstance(config, CollaborativeConfig) or config.metadata is None:
+            raise ConfigError(f"{config.source}: --item-metadata needs a collaborative config with item_metadata")
+        config = dataclasses.replace(config, metadata=dataclasses.replace(config.metadata, path=args.item_metadata))
     return config, args.output or os.path.join("embedpipe_output", config.name)
 
 

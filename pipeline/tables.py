@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import tensorflow_transform as tft
 
-from schemas.config import Config, auto_embedding_dim
+from schemas.config import CollaborativeConfig, Config, auto_embedding_dim
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,17 @@ class TableSpec:
         return cls(**{**d, "columns": tuple(d["columns"])})
 
 
-def table_specs(config: Config, tft_output: tft.TFTransformOutput) -> list[TableSpec]:
+def table_specs(config: Config | CollaborativeConfig, tft_output: tft.TFTransformOutput) -> list[TableSpec]:
     """Sizes and dimensions of every table, read from the transform output."""
+    if isinstance(config, CollaborativeConfig):
+        specs = []
+        for side in (config.item, config.user):
+            vocab = tft_output.vocabulary_size_by_name(side.name)
+            rows = vocab + side.oov_buckets
+            # Users and items share one space: an `auto` user dimension follows the items'.
+            dim = specs[0].dim if side is config.user and side.dim == "auto" else side.embedding_dim(rows)
+            specs.append(TableSpec(side.name, "vocabulary", (side.column,), rows, dim, vocab, side.oov_buckets))
+        return specs[::-1]
     specs = []
     for f in config.categorical:
         if f.type == "vocabulary":

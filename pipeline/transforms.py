@@ -230,30 +230,33 @@ def _count_reason(letter: rows.DeadLetter) -> rows.DeadLetter:
 
 
 class CountIds(beam.PTransform):
-    """Transformed training batches -> one JSON object {table: {row id: count}} written to `path`."""
+    """Transformed training batches -> one JSON object {table: {row id: count}} written to `path`.
 
-    def __init__(self, tables: list[str], path: str):
+    `columns` maps each table to the transformed column holding its ids (one or several a row).
+    """
+
+    def __init__(self, columns: dict[str, str], path: str):
         super().__init__()
-        self.tables = tables
+        self.columns = columns
         self.path = path
 
     def expand(self, transformed):
         return (
             transformed
-            | "CountPerBatch" >> beam.Map(_count_ids, tables=self.tables)
+            | "CountPerBatch" >> beam.Map(_count_ids, columns=self.columns)
             | "Merge" >> beam.CombineGlobally(_merge_counts)
             | "ToJson" >> beam.Map(json.dumps, sort_keys=True)
             | "Write" >> beam.io.WriteToText(self.path, shard_name_template="", num_shards=1)
         )
 
 
-def _count_ids(element, tables: list[str]) -> dict:
+def _count_ids(element, columns: dict[str, str]) -> dict:
     batch, _ = element
     counts = {}
-    for name in tables:
-        ids = batch.column(name).flatten().to_numpy(zero_copy_only=False)
+    for table, column in columns.items():
+        ids = batch.column(column).flatten().to_numpy(zero_copy_only=False)
         values, n = np.unique(ids, return_counts=True)
-        counts[name] = {str(int(v)): int(c) for v, c in zip(values, n)}
+        counts[table] = {str(int(v)): int(c) for v, c in zip(values, n)}
     return counts
 
 

@@ -130,8 +130,26 @@ class TrainingConfig:
     seed: int = 42
 
 
+class DatasetConfig:
+    """What every config kind shares: `name`, `source` (its file) and `input`."""
+
+    def digest(self) -> str:
+        """A sha256 of the parsed config (not of its file), stable across whitespace edits."""
+        payload = dataclasses.asdict(self)
+        payload.pop("source")
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def with_input_path(self, path: str):
+        return dataclasses.replace(self, input=dataclasses.replace(self.input, path=path))
+
+    @property
+    def raw_columns(self) -> list[str]:
+        return list(self.input.columns)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(DatasetConfig):
     name: str
     source: str
     input: InputConfig
@@ -141,20 +159,6 @@ class Config:
     numeric: tuple[NumericFeature, ...]
     training: TrainingConfig
     description: str = ""
-
-    def digest(self) -> str:
-        """A sha256 of the parsed config (not of its file), stable across whitespace edits."""
-        payload = dataclasses.asdict(self)
-        payload.pop("source")
-        blob = json.dumps(payload, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
-
-    def with_input_path(self, path: str) -> "Config":
-        return dataclasses.replace(self, input=dataclasses.replace(self.input, path=path))
-
-    @property
-    def raw_columns(self) -> list[str]:
-        return list(self.input.columns)
 
     @property
     def feature_columns(self) -> list[str]:
@@ -167,6 +171,70 @@ class Config:
         names = [f.name for f in self.categorical]
         names += [n.bucket_feature for n in self.numeric if n.bucketize]
         return names
+
+
+@dataclass(frozen=True)
+class VocabularySide:
+    """Users or items of a collaborative config: the column and its vocabulary settings."""
+
+    name: str  # "user" or "item": the table and vocabulary name
+    column: str
+    top_k: int | None = None
+    min_count: int = 1
+    oov_buckets: int = 1
+    dim: int | str = "auto"
+
+    def embedding_dim(self, rows: int) -> int:
+        return auto_embedding_dim(rows) if self.dim == "auto" else int(self.dim)
+
+
+@dataclass(frozen=True)
+class ItemMetadata:
+    """Optional per-item labels for the exports (e.g. titles); never used for training."""
+
+    path: str
+    format: str
+    key: str
+    label: str
+
+
+@dataclass(frozen=True)
+class RetrievalTraining:
+    models: tuple[str, ...] = ("two_tower", "bag_of_history")
+    batch_size: int = 1024
+    epochs: int = 10
+    learning_rate: float = 0.01
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class CollaborativeConfig(DatasetConfig):
+    """Interaction logs (who watched what, when) -> user and item embeddings.
+
+    The last `holdout` interactions of every user (by `timestamp`) are the eval split; a train
+    example is one interaction with the user's previous `max_history` items as its history.
+    """
+
+    name: str
+    source: str
+    input: InputConfig
+    user: VocabularySide
+    item: VocabularySide
+    timestamp: str
+    weight: str | None
+    holdout: int
+    max_history: int
+    metadata: ItemMetadata | None
+    training: RetrievalTraining
+    eval_k: tuple[int, ...] = (10, 20)
+    description: str = ""
+
+    @property
+    def tables(self) -> list[str]:
+        return [self.user.name, self.item.name]
+
+
+RETRIEVAL_MODELS = ("two_tower", "bag_of_history")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +258,7 @@ def resolve_config_path(name_or_path: str) -> str:
     )
 
 
-def load_config(name_or_path: str) -> Config:
+def load_config(name_or_path: str) -> Config | CollaborativeConfig:
     """Load and validate a config; raises ConfigError naming the file and field on any problem."""
     path = resolve_config_path(name_or_path)
     try:
@@ -198,7 +266,10 @@ def load_config(name_or_path: str) -> Config:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
-    return _Parser(path).config(raw)
+    parser = _Parser(path)
+    if isinstance(raw, dict) and raw.get("task") == "collaborative":
+        return parser.collaborative(raw)
+    return parser.config(raw)
 
 
 class _Parser:
@@ -266,9 +337,10 @@ class _Parser:
         top = self.mapping(
             raw,
             "",
-            ("name", "description", "input", "label", "split", "categorical", "crosses", "numeric", "training"),
+            ("name", "description", "task", "input", "label", "split", "categorical", "crosses", "numeric", "training"),
             required=("name", "input", "label"),
         )
+        self.string(top.get("task", "supervised"), "task", ("supervised", "collaborative"))
         name = self.string(top["name"], "name")
         inp = self.input(top["input"])
         columns = inp.columns
@@ -299,6 +371,93 @@ class _Parser:
             numeric=tuple(numeric),
             training=training,
             description=str(top.get("description") or ""),
+        )
+
+    def collaborative(self, raw: dict) -> CollaborativeConfig:
+        top = self.mapping(
+            raw,
+            "",
+            ("name", "description", "task", "input", "interactions", "item_metadata", "training", "evaluation"),
+            required=("name", "input", "interactions"),
+        )
+        inp = self.input(top["input"])
+        columns = inp.columns
+        m = self.mapping(
+            top["interactions"],
+            "interactions",
+            ("user", "item", "timestamp", "weight", "holdout", "max_history"),
+            required=("user", "item", "timestamp"),
+        )
+        user = self.side("user", m["user"], columns)
+        item = self.side("item", m["item"], columns)
+        timestamp = self.column(m["timestamp"], "interactions.timestamp", columns)
+        if columns[timestamp] == "string":
+            self.fail("interactions.timestamp", f"column {timestamp!r} must be int or float (e.g. epoch seconds)")
+        weight = m.get("weight")
+        if weight is not None:
+            weight = self.column(weight, "interactions.weight", columns)
+            if columns[weight] == "string":
+                self.fail("interactions.weight", f"column {weight!r} must be numeric")
+        metadata = None
+        if top.get("item_metadata") is not None:
+            md = self.mapping(top["item_metadata"], "item_metadata", ("path", "format", "key", "label"), ("path", "key", "label"))
+            path = self.string(md["path"], "item_metadata.path")
+            if "://" not in path and not os.path.isabs(path):
+                path = os.path.normpath(os.path.join(os.path.dirname(self.path), path))
+            metadata = ItemMetadata(
+                path=path,
+                format=self.string(md.get("format", "parquet"), "item_metadata.format", INPUT_FORMATS),
+                key=self.string(md["key"], "item_metadata.key"),
+                label=self.string(md["label"], "item_metadata.label"),
+            )
+        t = self.mapping(top.get("training"), "training", tuple(f.name for f in dataclasses.fields(RetrievalTraining)))
+        d = RetrievalTraining()
+        models = self.string_list(t.get("models", list(d.models)), "training.models")
+        for i, model in enumerate(models):
+            self.string(model, f"training.models[{i}]", RETRIEVAL_MODELS)
+        if "two_tower" in models and "auto" not in (user.dim, item.dim) and user.dim != item.dim:
+            self.fail("interactions.user.dim", f"two_tower scores u . v: the user dim must equal the item dim ({item.dim})")
+        ev = self.mapping(top.get("evaluation"), "evaluation", ("k",))
+        ks = ev.get("k", [10, 20])
+        if not isinstance(ks, list) or not ks:
+            self.fail("evaluation.k", f"expected a list of cut-offs, got {ks!r}")
+        return CollaborativeConfig(
+            name=self.string(top["name"], "name"),
+            source=self.path,
+            input=inp,
+            user=user,
+            item=item,
+            timestamp=timestamp,
+            weight=weight,
+            holdout=self.integer(m.get("holdout", 2), "interactions.holdout", 1, 1000),
+            max_history=self.integer(m.get("max_history", 50), "interactions.max_history", 1, 10_000),
+            metadata=metadata,
+            training=RetrievalTraining(
+                models=models,
+                batch_size=self.integer(t.get("batch_size", d.batch_size), "training.batch_size", 2),
+                epochs=self.integer(t.get("epochs", d.epochs), "training.epochs"),
+                learning_rate=self.number(t.get("learning_rate", d.learning_rate), "training.learning_rate"),
+                seed=self.integer(t.get("seed", d.seed), "training.seed", 0),
+            ),
+            eval_k=tuple(self.integer(k, f"evaluation.k[{i}]", 1, 10_000) for i, k in enumerate(ks)),
+            description=str(top.get("description") or ""),
+        )
+
+    def side(self, name: str, raw, columns) -> VocabularySide:
+        where = f"interactions.{name}"
+        if isinstance(raw, str):
+            raw = {"column": raw}
+        m = self.mapping(raw, where, ("column", "top_k", "min_count", "oov_buckets", "dim"), required=("column",))
+        col = self.column(m["column"], f"{where}.column", columns)
+        if columns[col] == "float":
+            self.fail(f"{where}.column", f"column {col!r} is float; ids are string or int columns")
+        return VocabularySide(
+            name=name,
+            column=col,
+            top_k=None if m.get("top_k") is None else self.integer(m["top_k"], f"{where}.top_k", 1, MAX_TABLE_ROWS),
+            min_count=self.integer(m.get("min_count", 1), f"{where}.min_count"),
+            oov_buckets=self.integer(m.get("oov_buckets", 1), f"{where}.oov_buckets"),
+            dim=self.dim(m.get("dim", "auto"), f"{where}.dim"),
         )
 
     def items(self, top: dict, section: str):

@@ -46,7 +46,7 @@ def test_id_counts_merge_across_batches():
         counts = (
             p
             | beam.Create([batch([0, 1, 1]), batch([1, 2]), batch([0])])
-            | beam.Map(_count_ids, tables=["t"])
+            | beam.Map(_count_ids, columns={"t": "t"})
             | beam.CombineGlobally(_merge_counts)
         )
         assert_that(counts, equal_to([{"t": {"0": 2, "1": 3, "2": 1}}]))

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -28,6 +29,8 @@ import time
 import keras
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -35,7 +38,9 @@ import tensorflow_transform as tft
 from pipeline import preprocess as pre
 from pipeline.manifest import read_manifest, update_manifest
 from pipeline.tables import TableSpec, table_keys, table_specs
-from schemas.config import Config
+from pipeline.rows import InputError
+from schemas.config import CollaborativeConfig, Config
+from trainer import retrieval
 from trainer.model import embedding_layer_name
 from trainer.tables import FILES, escape_key, sha256_file
 from trainer.train import model_dir
@@ -47,22 +52,25 @@ def export_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "export")
 
 
-def export(config: Config, output_dir: str) -> dict:
+def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
     """Writes every table of the trained model; returns the manifest section."""
     started = time.time()
     tft_output = tft.TFTransformOutput(pre.transform_dir(output_dir))
-    model = keras.models.load_model(os.path.join(model_dir(output_dir), "model.keras"))
     with tf.io.gfile.GFile(pre.id_counts_path(output_dir)) as f:
         id_counts = json.load(f)
     run = read_manifest(output_dir)
+    trained, model_path = _trained_tables(config, output_dir, run)
     source = {
         "output_dir": os.path.abspath(output_dir) if "://" not in output_dir else output_dir,
         "config": run.get("preprocess", {}).get("config", {}),
-        "model": os.path.join(model_dir(output_dir), "model.keras"),
+        "model": model_path,
     }
+    labels = _item_labels(config) if isinstance(config, CollaborativeConfig) else {}
     tables = {}
     for spec in table_specs(config, tft_output):
-        vectors = model.get_layer(embedding_layer_name(spec.name)).get_weights()[0].astype(np.float32)
+        if spec.name not in trained:
+            continue  # e.g. no user table in a bag-of-history model
+        vectors = trained[spec.name].astype(np.float32)
         keys = table_keys(spec, tft_output)
         if vectors.shape != (spec.rows, spec.dim) or len(keys) != spec.rows:
             raise RuntimeError(
@@ -72,7 +80,8 @@ def export(config: Config, output_dir: str) -> dict:
         counts = id_counts.get(spec.name, {})
         frequency = np.array([counts.get(str(i), 0) for i in range(spec.rows)], dtype=np.int64)
         path = os.path.join(export_dir(output_dir), spec.name)
-        tables[spec.name] = write_table(path, spec, keys, vectors, frequency, source)
+        table_labels = [labels.get(k, "") for k in keys] if labels and spec.name == "item" else None
+        tables[spec.name] = write_table(path, spec, keys, vectors, frequency, source, table_labels)
         _LOG.info("export: %s %dx%d -> %s", spec.name, spec.rows, spec.dim, path)
     elapsed = time.time() - started
     section = {"dir": export_dir(output_dir), "tables": tables, "timings_s": {"export": round(elapsed, 2)}}
@@ -80,10 +89,51 @@ def export(config: Config, output_dir: str) -> dict:
     return section
 
 
+def _trained_tables(config, output_dir: str, run: dict) -> tuple[dict[str, np.ndarray], str]:
+    """{table name: matrix} of the trained model (the best one of a collaborative run)."""
+    if isinstance(config, CollaborativeConfig):
+        best = run.get("train", {}).get("best_model")
+        if best is None:
+            raise FileNotFoundError(f"{output_dir}: no trained collaborative model; run `embedpipe train` first")
+        path = os.path.join(retrieval.model_dir(output_dir, best), "tables.npz")
+        with tf.io.gfile.GFile(path, "rb") as f:
+            with np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
+                return {name: npz[name] for name in npz.files}, path
+    path = os.path.join(model_dir(output_dir), "model.keras")
+    model = keras.models.load_model(path)
+    return {name: model.get_layer(embedding_layer_name(name)).get_weights()[0] for name in config.tables}, path
+
+
+def _item_labels(config: CollaborativeConfig) -> dict[str, str]:
+    """item key -> label from the item metadata file (empty without one)."""
+    md = config.metadata
+    if md is None:
+        return {}
+    if not tf.io.gfile.exists(md.path):
+        raise InputError(f"item_metadata.path: {md.path} does not exist (config {config.source}; see --item-metadata)")
+    with tf.io.gfile.GFile(md.path, "rb") as f:
+        data = pa.BufferReader(f.read())
+    table = pq.read_table(data) if md.format == "parquet" else pacsv.read_csv(data)
+    for column in (md.key, md.label):
+        if column not in table.column_names:
+            raise InputError(f"{md.path}: column {column!r} (item_metadata of {config.source}) is not in the file")
+    keys = pc.cast(table.column(md.key), pa.string()).to_pylist()
+    return dict(zip(keys, pc.cast(table.column(md.label), pa.string()).to_pylist()))
+
+
 def write_table(
-    path: str, spec: TableSpec, keys: list[str], vectors: np.ndarray, frequency: np.ndarray, source: dict
+    path: str,
+    spec: TableSpec,
+    keys: list[str],
+    vectors: np.ndarray,
+    frequency: np.ndarray,
+    source: dict,
+    labels: list[str] | None = None,
 ) -> str:
-    """Writes one table directory (files listed in the module docstring); returns its path."""
+    """Writes one table directory (files listed in the module docstring); returns its path.
+
+    `labels` (one per row, e.g. item titles) add a `label` column to the projector metadata.
+    """
     tf.io.gfile.makedirs(path)
     escaped = [escape_key(k) for k in keys]
     _write_text(os.path.join(path, FILES["keys"]), "".join(k + "\n" for k in escaped))
@@ -105,9 +155,11 @@ def write_table(
         os.path.join(path, FILES["projector_tensor"]),
         "".join("\t".join(repr(float(x)) for x in row) + "\n" for row in vectors),
     )
+    columns = [escaped, [str(n) for n in frequency]] + ([[escape_key(x) for x in labels]] if labels else [])
+    header = "key\tfrequency" + ("\tlabel" if labels else "")
     _write_text(
         os.path.join(path, FILES["projector_metadata"]),
-        "key\tfrequency\n" + "".join(f"{k}\t{n}\n" for k, n in zip(escaped, frequency)),
+        header + "\n" + "".join("\t".join(row) + "\n" for row in zip(*columns)),
     )
     _write_text(
         os.path.join(path, FILES["projector_config"]),

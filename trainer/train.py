@@ -27,7 +27,8 @@ from pipeline import preprocess as pre
 from pipeline.manifest import read_manifest, update_manifest
 from pipeline.preprocessing import LABEL_KEY, LABEL_VOCABULARY
 from pipeline.tables import table_specs
-from schemas.config import Config
+from schemas.config import CollaborativeConfig, Config
+from trainer import retrieval
 from trainer.data import make_dataset
 from trainer.model import Table, build_model, headline_metric
 
@@ -144,7 +145,17 @@ def run(argv: list[str] | None = None) -> dict:
     add_arguments(parser)
     args = parser.parse_args(argv)
     config, output_dir = pre.resolve(args)
-    return train(config, output_dir, baseline=args.baseline, epochs=args.epochs)
+    if args.baseline and isinstance(config, CollaborativeConfig):
+        parser.error("--baseline is for supervised configs (a collaborative run reports popularity)")
+    return train_any(config, output_dir, baseline=args.baseline, epochs=args.epochs)
+
+
+def train_any(config: Config | CollaborativeConfig, output_dir: str, **kwargs) -> dict:
+    """`train` for a supervised config, `trainer.retrieval.train` for a collaborative one."""
+    if isinstance(config, CollaborativeConfig):
+        kwargs.pop("baseline", None)
+        return retrieval.train(config, output_dir, **kwargs)
+    return train(config, output_dir, **kwargs)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""The collaborative preprocessing job: interaction logs -> per-user histories, a temporal holdout,
+user and item vocabularies (tf.Transform), and TFRecords for retrieval training.
+
+    ReadRawLogs | ParseAndValidate | KeyByUser | GroupByKey | TemporalHoldout
+        | ToRecordBatches | AnalyzeAndTransform | WriteExamples
+
+Examples (one schema for both splits; ids are rows of the `user` and `item` tables):
+
+* train: one per training interaction: `user`, `history` (the user's previous `max_history`
+  items, oldest first; empty for the first), `targets` (the item), `seen` (empty), `weight`;
+* eval: one per user with a holdout: `history` (the last `max_history` training items),
+  `targets` (the last `holdout` items, by time), `seen` (every training item, to exclude from
+  the ranking), `weight` 1.
+
+The holdout is computed in Beam per user, by timestamp (ties broken by item), so evaluation
+never sees the future. Users with `holdout` interactions or fewer stay wholly in training.
+The item vocabulary is learned from the training interactions only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import tensorflow as tf
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+from apache_beam.metrics import Metrics
+from tensorflow_transform.tf_metadata import schema_utils
+from tfx_bsl.public import tfxio
+from tfx_bsl.tfxio import tensor_representation_util
+
+from pipeline.transforms import (
+    DEAD,
+    EVAL,
+    NAMESPACE,
+    TRAIN,
+    CountIds,
+    ParseAndValidate,
+    ReadRawLogs,
+    WriteDeadLetters,
+    WriteExamples,
+)
+from schemas.config import CollaborativeConfig, VocabularySide
+
+LIST_FEATURES = ("history", "targets", "seen")
+EXAMPLE_BATCH = 4096
+
+
+def example_feature_spec() -> dict:
+    """Raw (pre-transform) spec of the examples TemporalHoldout emits."""
+    spec = {"user": tf.io.FixedLenFeature([], tf.string), "weight": tf.io.FixedLenFeature([], tf.float32)}
+    spec.update({name: tf.io.VarLenFeature(tf.string) for name in LIST_FEATURES})
+    return spec
+
+
+def example_arrow_schema() -> pa.Schema:
+    text = pa.large_list(pa.large_binary())
+    return pa.schema([("user", text), ("weight", pa.large_list(pa.float32()))] + [(n, text) for n in LIST_FEATURES])
+
+
+def tensor_adapter_config() -> tfxio.TensorAdapterConfig:
+    schema = schema_utils.schema_from_feature_spec(example_feature_spec())
+    return tfxio.TensorAdapterConfig(
+        arrow_schema=example_arrow_schema(),
+        tensor_representations=tensor_representation_util.InferTensorRepresentationsFromSchema(schema),
+    )
+
+
+def make_preprocessing_fn(config: CollaborativeConfig):
+    """User ids, and item ids for history/targets/seen from one item vocabulary (named `item`)."""
+    user, item = config.user, config.item
+
+    def preprocessing_fn(inputs: dict) -> dict:
+        item_vocab = tft.vocabulary(inputs["targets"], vocab_filename=item.name, **_limits(item))
+        outputs = {
+            "user": tft.compute_and_apply_vocabulary(
+                inputs["user"], num_oov_buckets=user.oov_buckets, vocab_filename=user.name, **_limits(user)
+            ),
+            "weight": inputs["weight"],
+        }
+        for name in LIST_FEATURES:
+            outputs[name] = tft.apply_vocabulary(inputs[name], item_vocab, num_oov_buckets=item.oov_buckets)
+        return outputs
+
+    return preprocessing_fn
+
+
+def _limits(side: VocabularySide) -> dict:
+    return {"top_k": side.top_k, "frequency_threshold": side.min_count if side.min_count > 1 else None}
+
+
+class KeyByUser(beam.PTransform):
+    """Canonical batches -> (user, (timestamp, item, weight)) per interaction."""
+
+    def __init__(self, config: CollaborativeConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, batches):
+        return batches | "Explode" >> beam.FlatMap(_key_by_user, config=self.config)
+
+
+def _key_by_user(batch: pa.RecordBatch, config: CollaborativeConfig):
+    def column(name):
+        return pc.list_flatten(batch.column(name))
+
+    users = pc.cast(column(config.user.column), pa.string()).to_pylist()
+    items = pc.cast(column(config.item.column), pa.string()).to_pylist()
+    times = column(config.timestamp).to_numpy(zero_copy_only=False).tolist()
+    if config.weight:
+        weights = column(config.weight).to_numpy(zero_copy_only=False).astype(np.float32).tolist()
+    else:
+        weights = [1.0] * batch.num_rows
+    return zip(users, zip(times, items, weights))
+
+
+class TemporalHoldout(beam.PTransform):
+    """(user, interactions) groups -> `TRAIN` and `EVAL` example dicts (see module docstring)."""
+
+    def __init__(self, config: CollaborativeConfig):
+        super().__init__()
+        self.config = config
+
+    def expand(self, grouped):
+        return grouped | "Holdout" >> beam.ParDo(_Holdout(self.config)).with_outputs(TRAIN, EVAL)
+
+
+class _Holdout(beam.DoFn):
+    def __init__(self, config: CollaborativeConfig):
+        self.holdout = config.holdout
+        self.max_history = config.max_history
+        self.counters = {t: Metrics.counter(NAMESPACE, f"rows_{t}") for t in (TRAIN, EVAL)}
+        self.users_evaluated = Metrics.counter(NAMESPACE, "users_evaluated")
+
+    def process(self, element):
+        user, events = element
+        events = sorted(events)
+        cut = len(events) - self.holdout if len(events) > self.holdout else len(events)
+        history = [item for _, item, _ in events[:cut]]
+        for i, (_, item, weight) in enumerate(events[:cut]):
+            start = max(0, i - self.max_history)
+            yield beam.pvalue.TaggedOutput(
+                TRAIN, {"user": [user], "history": history[start:i], "targets": [item], "seen": [], "weight": [weight]}
+            )
+        self.counters[TRAIN].inc(cut)
+        held = [item for _, item, _ in events[cut:]]
+        if held:
+            self.counters[EVAL].inc(len(held))
+            self.users_evaluated.inc()
+            yield beam.pvalue.TaggedOutput(
+                EVAL,
+                {
+                    "user": [user],
+                    "history": history[-self.max_history :],
+                    "targets": held,
+                    "seen": sorted(set(history)),
+                    "weight": [1.0],
+                },
+            )
+
+
+class ToRecordBatches(beam.PTransform):
+    """Example dicts -> RecordBatches in `example_arrow_schema()`, for tf.Transform."""
+
+    def expand(self, examples):
+        return (
+            examples
+            | "Batch" >> beam.BatchElements(min_batch_size=256, max_batch_size=EXAMPLE_BATCH)
+            | "ToArrow" >> beam.Map(lambda rows: pa.RecordBatch.from_pylist(rows, schema=example_arrow_schema()))
+        )
+
+
+def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, out: str, temp_dir: str) -> None:
+    """Adds the whole collaborative job to `p`, writing under `out` (`<output>/preprocess`)."""
+    with tft_beam.Context(temp_dir=temp_dir):
+        read = p | "ReadRawLogs" >> ReadRawLogs(config)
+        validated = read.rows | "ParseAndValidate" >> ParseAndValidate(config)
+        split = (
+            validated.rows
+            | "KeyByUser" >> KeyByUser(config)
+            | "GroupByUser" >> beam.GroupByKey()
+            | "TemporalHoldout" >> TemporalHoldout(config)
+        )
+        adapter = tensor_adapter_config()
+        train_batches = split[TRAIN] | "TrainToArrow" >> ToRecordBatches()
+        eval_batches = split[EVAL] | "EvalToArrow" >> ToRecordBatches()
+        (train, _), transform_fn = (train_batches, adapter) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+            make_preprocessing_fn(config), output_record_batches=True
+        )
+        eval_, _ = ((eval_batches, adapter), transform_fn) | "TransformEval" >> tft_beam.TransformDataset(
+            output_record_batches=True
+        )
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(os.path.join(out, "transform"))
+        _ = train | "WriteTrain" >> WriteExamples(os.path.join(out, "data", TRAIN))
+        _ = eval_ | "WriteEval" >> WriteExamples(os.path.join(out, "data", EVAL))
+        columns = {config.user.name: "user", config.item.name: "targets"}
+        _ = train | "CountIds" >> CountIds(columns, os.path.join(out, "id_counts.json"))
+        _ = (
+            (read[DEAD], validated[DEAD])
+            | "CollectDeadLetters" >> beam.Flatten()
+            | "WriteDeadLetters" >> WriteDeadLetters(os.path.join(out, "dead_letter", "rejected"))
+        )
