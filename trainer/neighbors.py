@@ -1,0 +1,202 @@
+"""Nearest neighbours, recommendations and clusters over exported tables.
+
+    embedpipe neighbors EXPORT/item "Toy Story (1995)" -k 10     # by key or by label (title)
+    embedpipe neighbors EXPORT/item --all -k 20                   # EXPORT/item/neighbors.parquet
+    embedpipe recommend EXPORT u000123 -k 10                      # user table . item table
+    embedpipe clusters EXPORT/item -k 50                          # EXPORT/item/clusters.parquet
+
+Similarity is cosine; OOV rows are never returned. `--all` and `clusters` work in blocks of
+rows whose similarity matrix stays under `BLOCK_BYTES`, so memory stays bounded for 500,000
+rows and more (time is what grows: all-pairs is rows^2 x dim multiply-adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from trainer.tables import EmbeddingTable, load_table
+
+_LOG = logging.getLogger(__name__)
+BLOCK_BYTES = 256 * 2**20
+
+
+class NeighborIndex:
+    """Cosine top-k over one table; queries by key, by label, or by vector."""
+
+    def __init__(self, table: EmbeddingTable):
+        self.table = table
+        vectors = table.vectors[: table.real_rows].astype(np.float32)
+        self.unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        self._by_label = {}
+        for row, label in enumerate((table.labels or [])[: table.real_rows]):
+            self._by_label.setdefault(label, row)
+
+    def row(self, key_or_label: str) -> int:
+        if key_or_label in self.table and self.table.row(key_or_label) < len(self.unit):
+            return self.table.row(key_or_label)
+        if key_or_label in self._by_label:
+            return self._by_label[key_or_label]
+        raise KeyError(f"table {self.table.name!r} has no key or label {key_or_label!r}")
+
+    def top_k(self, scores: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[str, str, float]]:
+        if exclude is not None:
+            scores = scores.copy()
+            scores[exclude] = -np.inf
+        k = min(k, len(scores) - (exclude is not None))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        labels = self.table.labels or [""] * len(self.table.keys)
+        return [(self.table.keys[i], labels[i], float(scores[i])) for i in top]
+
+    def neighbors(self, key_or_label: str, k: int = 10) -> list[tuple[str, str, float]]:
+        """(key, label, cosine) of the k nearest rows, the query itself excluded."""
+        row = self.row(key_or_label)
+        return self.top_k(self.unit @ self.unit[row], k, exclude=row)
+
+
+def recommend(export_dir: str, user: str, k: int = 10) -> list[tuple[str, str, float]]:
+    """Top-k items for a user of a two-tower export, by the model's own score u . v."""
+    users, items = load_table(os.path.join(export_dir, "user")), load_table(os.path.join(export_dir, "item"))
+    scores = items.vectors[: items.real_rows] @ users.vector(user)
+    return NeighborIndex(items).top_k(scores, k)
+
+
+def write_all_neighbors(table: EmbeddingTable, k: int, path: str) -> dict:
+    """Top-k neighbours of every row -> Parquet (key, neighbors list<string>, scores list<float32>)."""
+    index = NeighborIndex(table)
+    n = len(index.unit)
+    k = min(k, n - 1)
+    block = max(1, min(n, BLOCK_BYTES // (4 * n)))
+    keys = np.array(table.keys[:n], dtype=object)
+    schema = pa.schema([("key", pa.string()), ("neighbors", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
+    started = time.time()
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, n, block):
+            sims = index.unit[start : start + block] @ index.unit.T
+            rows = np.arange(start, min(start + block, n))
+            sims[rows - start, rows] = -np.inf  # not its own neighbour
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            scores = np.take_along_axis(sims, top, axis=1).astype(np.float32)
+            writer.write_table(
+                pa.table(
+                    {
+                        "key": pa.array(keys[rows].tolist(), pa.string()),
+                        "neighbors": pa.array([keys[t].tolist() for t in top], pa.list_(pa.string())),
+                        "scores": pa.array(list(scores), pa.list_(pa.float32())),
+                    },
+                    schema=schema,
+                )
+            )
+            if (start // block) % 100 == 0:
+                _LOG.info("neighbors: %d/%d rows (%.0fs)", start + len(rows), n, time.time() - started)
+    return {"path": path, "rows": n, "k": k, "seconds": round(time.time() - started, 1)}
+
+
+def kmeans(unit: np.ndarray, k: int, iterations: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means (cosine) with k-means++ seeding; returns (assignment, unit centroids)."""
+    rng = np.random.default_rng(seed)
+    n = len(unit)
+    k = min(k, n)
+    centroids = [unit[rng.integers(n)]]
+    closest = 1.0 - unit @ centroids[0]
+    for _ in range(1, k):
+        weights = np.maximum(closest, 0) ** 2
+        pick = rng.choice(n, p=weights / weights.sum()) if weights.sum() > 0 else rng.integers(n)
+        centroids.append(unit[pick])
+        closest = np.minimum(closest, 1.0 - unit @ unit[pick])
+    centroids = np.stack(centroids)
+    assignment = np.full(n, -1)
+    for _ in range(iterations):
+        new = _assign(unit, centroids)
+        if np.array_equal(new, assignment):
+            break
+        assignment = new
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, assignment, unit)
+        empty = np.linalg.norm(sums, axis=1) == 0
+        sums[empty] = centroids[empty]  # an empty cluster keeps its centroid
+        centroids = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+    return assignment, centroids
+
+
+def _assign(unit: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    block = max(1, BLOCK_BYTES // (4 * len(centroids)))
+    return np.concatenate([np.argmax(unit[s : s + block] @ centroids.T, axis=1) for s in range(0, len(unit), block)])
+
+
+def write_clusters(table: EmbeddingTable, k: int, path: str, seed: int = 0) -> dict:
+    """k-means clusters of a table -> Parquet (key, label, cluster, similarity to its centroid)."""
+    index = NeighborIndex(table)
+    assignment, centroids = kmeans(index.unit, k, seed=seed)
+    similarity = np.einsum("ij,ij->i", index.unit, centroids[assignment]).astype(np.float32)
+    n = len(index.unit)
+    labels = (table.labels or [""] * len(table.keys))[:n]
+    pq.write_table(
+        pa.table(
+            {
+                "key": pa.array(table.keys[:n], pa.string()),
+                "label": pa.array(labels, pa.string()),
+                "cluster": pa.array(assignment.astype(np.int32)),
+                "similarity": pa.array(similarity),
+            }
+        ),
+        path,
+    )
+    return {"path": path, "rows": n, "clusters": int(len(centroids)), "sizes": np.bincount(assignment).tolist()}
+
+
+def _print_rows(rows) -> None:
+    for key, label, score in rows:
+        print(f"  {score:+.4f}  {key}" + (f"  {label}" if label and label != key else ""))
+
+
+def run_neighbors(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="embedpipe neighbors", description="Nearest neighbours in an exported table (cosine).")
+    parser.add_argument("table", help="an exported table directory, e.g. embedpipe_output/movielens/export/item")
+    parser.add_argument("keys", nargs="*", help="keys or labels (e.g. titles) to look up")
+    parser.add_argument("-k", type=int, default=10, help="neighbours per key (default 10)")
+    parser.add_argument("--all", action="store_true", help="write the neighbours of every row to --output")
+    parser.add_argument("--output", help="with --all: Parquet path (default: TABLE/neighbors.parquet)")
+    args = parser.parse_args(argv)
+    if not args.keys and not args.all:
+        parser.error("give one or more keys, or --all")
+    table = load_table(args.table)
+    if args.all:
+        result = write_all_neighbors(table, args.k, args.output or os.path.join(args.table, "neighbors.parquet"))
+        print(f"wrote the top {result['k']} neighbours of {result['rows']} rows to {result['path']} ({result['seconds']}s)")
+        return
+    index = NeighborIndex(table)
+    for key in args.keys:
+        print(f"{key}:")
+        _print_rows(index.neighbors(key, args.k))
+
+
+def run_recommend(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="embedpipe recommend", description="Top items for a user (two-tower exports).")
+    parser.add_argument("export", help="an export directory holding `user` and `item` tables")
+    parser.add_argument("users", nargs="+", help="user keys")
+    parser.add_argument("-k", type=int, default=10)
+    args = parser.parse_args(argv)
+    for user in args.users:
+        print(f"{user}:")
+        _print_rows(recommend(args.export, user, args.k))
+
+
+def run_clusters(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="embedpipe clusters", description="k-means clusters of an exported table (cosine).")
+    parser.add_argument("table", help="an exported table directory")
+    parser.add_argument("-k", type=int, default=20, help="number of clusters (default 20)")
+    parser.add_argument("--output", help="Parquet path (default: TABLE/clusters.parquet)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = write_clusters(load_table(args.table), args.k, args.output or os.path.join(args.table, "clusters.parquet"), args.seed)
+    print(f"wrote {result['clusters']} clusters of {result['rows']} rows to {result['path']} (sizes {result['sizes']})")
