@@ -2,7 +2,7 @@
 user and item vocabularies (tf.Transform), and TFRecords for retrieval training.
 
     ReadRawLogs | ParseAndValidate | KeyByUser | GroupByKey | TemporalHoldout
-        | ToRecordBatches | AnalyzeAndTransform | WriteExamples
+        | ToRecordBatches | TransformAndWrite
 
 Examples (one schema for both splits; ids are rows of the `user` and `item` tables):
 
@@ -29,20 +29,18 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from apache_beam.metrics import Metrics
-from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
-from tfx_bsl.tfxio import tensor_representation_util
 
+from pipeline import transforms
 from pipeline.transforms import (
     DEAD,
     EVAL,
     NAMESPACE,
     TRAIN,
-    CountIds,
     ParseAndValidate,
     ReadRawLogs,
+    TransformAndWrite,
     WriteDeadLetters,
-    WriteExamples,
 )
 from schemas.config import CollaborativeConfig, VocabularySide
 
@@ -63,11 +61,7 @@ def example_arrow_schema() -> pa.Schema:
 
 
 def tensor_adapter_config() -> tfxio.TensorAdapterConfig:
-    schema = schema_utils.schema_from_feature_spec(example_feature_spec())
-    return tfxio.TensorAdapterConfig(
-        arrow_schema=example_arrow_schema(),
-        tensor_representations=tensor_representation_util.InferTensorRepresentationsFromSchema(schema),
-    )
+    return transforms.tensor_adapter_config(example_feature_spec(), example_arrow_schema())
 
 
 def make_preprocessing_fn(config: CollaborativeConfig):
@@ -185,22 +179,11 @@ def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, out: str, temp
             | "GroupByUser" >> beam.GroupByKey()
             | "TemporalHoldout" >> TemporalHoldout(config)
         )
-        adapter = tensor_adapter_config()
-        train_batches = split[TRAIN] | "TrainToArrow" >> ToRecordBatches()
-        eval_batches = split[EVAL] | "EvalToArrow" >> ToRecordBatches()
-        (train, _), transform_fn = (train_batches, adapter) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-            make_preprocessing_fn(config), output_record_batches=True
+        batches = {tag: split[tag] | f"{tag.title()}ToArrow" >> ToRecordBatches() for tag in (TRAIN, EVAL)}
+        id_columns = {config.user.name: "user", config.item.name: "targets"}
+        _ = batches | "TransformAndWrite" >> TransformAndWrite(
+            make_preprocessing_fn(config), tensor_adapter_config(), out, id_columns
         )
-        eval_, _ = ((eval_batches, adapter), transform_fn) | "TransformEval" >> tft_beam.TransformDataset(
-            output_record_batches=True
-        )
-        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(os.path.join(out, "transform"))
-        _ = train | "WriteTrain" >> WriteExamples(os.path.join(out, "data", TRAIN))
-        _ = eval_ | "WriteEval" >> WriteExamples(os.path.join(out, "data", EVAL))
-        columns = {config.user.name: "user", config.item.name: "targets"}
-        _ = train | "CountIds" >> CountIds(columns, os.path.join(out, "id_counts.json"))
-        _ = (
-            (read[DEAD], validated[DEAD])
-            | "CollectDeadLetters" >> beam.Flatten()
-            | "WriteDeadLetters" >> WriteDeadLetters(os.path.join(out, "dead_letter", "rejected"))
+        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
+            os.path.join(out, "dead_letter", "rejected")
         )

@@ -31,11 +31,9 @@ import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
-from tfx_bsl.tfxio import tensor_representation_util
 
-from pipeline import collaborative, rows
+from pipeline import collaborative, rows, transforms
 from pipeline.manifest import update_manifest
 from pipeline.preprocessing import make_preprocessing_fn
 from pipeline.tables import table_specs
@@ -44,12 +42,11 @@ from pipeline.transforms import (
     EVAL,
     NAMESPACE,
     TRAIN,
-    CountIds,
     ParseAndValidate,
     ReadRawLogs,
     SplitTrainEval,
+    TransformAndWrite,
     WriteDeadLetters,
-    WriteExamples,
 )
 from schemas.config import CollaborativeConfig, Config, ConfigError, DatasetConfig, load_config
 
@@ -87,11 +84,7 @@ def raw_feature_spec(config: Config, include_label: bool = True) -> dict:
 
 def tensor_adapter_config(config: Config) -> tfxio.TensorAdapterConfig:
     """How tf.Transform turns the canonical RecordBatches of `pipeline.rows` into tensors."""
-    schema = schema_utils.schema_from_feature_spec(raw_feature_spec(config))
-    return tfxio.TensorAdapterConfig(
-        arrow_schema=rows.canonical_schema(config),
-        tensor_representations=tensor_representation_util.InferTensorRepresentationsFromSchema(schema),
-    )
+    return transforms.tensor_adapter_config(raw_feature_spec(config), rows.canonical_schema(config))
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
@@ -113,21 +106,11 @@ def build_pipeline(p: beam.Pipeline, config: Config, out: str, temp_dir: str) ->
         read = p | "ReadRawLogs" >> ReadRawLogs(config)
         validated = read.rows | "ParseAndValidate" >> ParseAndValidate(config)
         split = validated.rows | "SplitTrainEval" >> SplitTrainEval(config)
-        adapter = tensor_adapter_config(config)
-        (train, _), transform_fn = (split[TRAIN], adapter) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-            make_preprocessing_fn(config), output_record_batches=True
+        _ = {TRAIN: split[TRAIN], EVAL: split[EVAL]} | "TransformAndWrite" >> TransformAndWrite(
+            make_preprocessing_fn(config), tensor_adapter_config(config), out, {t: t for t in config.tables}
         )
-        eval_, _ = ((split[EVAL], adapter), transform_fn) | "TransformEval" >> tft_beam.TransformDataset(
-            output_record_batches=True
-        )
-        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(os.path.join(out, "transform"))
-        _ = train | "WriteTrain" >> WriteExamples(os.path.join(out, "data", TRAIN))
-        _ = eval_ | "WriteEval" >> WriteExamples(os.path.join(out, "data", EVAL))
-        _ = train | "CountIds" >> CountIds({t: t for t in config.tables}, os.path.join(out, "id_counts.json"))
-        _ = (
-            (read[DEAD], validated[DEAD])
-            | "CollectDeadLetters" >> beam.Flatten()
-            | "WriteDeadLetters" >> WriteDeadLetters(os.path.join(out, "dead_letter", "rejected"))
+        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
+            os.path.join(out, "dead_letter", "rejected")
         )
 
 

@@ -1,24 +1,30 @@
-"""The named PTransforms the preprocessing job is composed of.
+"""The named PTransforms the preprocessing jobs are composed of.
 
-    ReadRawLogs | ParseAndValidate | SplitTrainEval | AnalyzeAndTransform | WriteExamples
+    ReadRawLogs | ParseAndValidate | SplitTrainEval | TransformAndWrite
 
-plus `WriteDeadLetters` (every rejected row, with its reason) and `CountIds` (how often each
-table row occurs in the transformed training data, the `frequency` of the exports). The
-row-level logic itself is in `pipeline.rows`; these wrappers add batching, tagging and counters.
+`TransformAndWrite` runs tf.Transform (analyze on train, apply to both splits) and writes the
+examples (`WriteExamples`), the transform graph and `CountIds` (how often each table row occurs
+in the transformed training data, the `frequency` of the exports); `WriteDeadLetters` writes
+every rejected row with its reason. The row-level logic itself is in `pipeline.rows`; these
+wrappers add batching, tagging and counters.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import tensorflow_transform.beam as tft_beam
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
+from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
+from tfx_bsl.tfxio import tensor_representation_util
 from tfx_bsl.tfxio.parquet_tfxio import ParquetTFXIO
 
 from pipeline import rows
@@ -183,6 +189,43 @@ class _Split(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(tag, part)
 
 
+def tensor_adapter_config(feature_spec: dict, arrow_schema: pa.Schema) -> tfxio.TensorAdapterConfig:
+    """How tf.Transform turns RecordBatches in `arrow_schema` into the tensors of `feature_spec`."""
+    schema = schema_utils.schema_from_feature_spec(feature_spec)
+    return tfxio.TensorAdapterConfig(
+        arrow_schema=arrow_schema,
+        tensor_representations=tensor_representation_util.InferTensorRepresentationsFromSchema(schema),
+    )
+
+
+class TransformAndWrite(beam.PTransform):
+    """{TRAIN: batches, EVAL: batches} -> tf.Transform outputs written under `out`.
+
+    Analyzes the training split only, applies the transform to both, and writes
+    `out/transform/` (WriteTransformFn), `out/data/{train,eval}-*.tfrecord.gz` and
+    `out/id_counts.json` (`id_columns` maps each table to its transformed id column).
+    """
+
+    def __init__(self, preprocessing_fn, adapter: tfxio.TensorAdapterConfig, out: str, id_columns: dict[str, str]):
+        super().__init__()
+        self.preprocessing_fn = preprocessing_fn
+        self.adapter = adapter
+        self.out = out
+        self.id_columns = id_columns
+
+    def expand(self, splits):
+        (train, _), transform_fn = (splits[TRAIN], self.adapter) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+            self.preprocessing_fn, output_record_batches=True
+        )
+        eval_, _ = ((splits[EVAL], self.adapter), transform_fn) | "TransformEval" >> tft_beam.TransformDataset(
+            output_record_batches=True
+        )
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(os.path.join(self.out, "transform"))
+        _ = train | "WriteTrain" >> WriteExamples(os.path.join(self.out, "data", TRAIN))
+        _ = eval_ | "WriteEval" >> WriteExamples(os.path.join(self.out, "data", EVAL))
+        return train | "CountIds" >> CountIds(self.id_columns, os.path.join(self.out, "id_counts.json"))
+
+
 class WriteExamples(beam.PTransform):
     """Transformed `(RecordBatch, passthrough)` pairs -> gzip TFRecord shards of tf.Examples."""
 
@@ -209,13 +252,16 @@ def _encode_examples(element):
 
 
 class WriteDeadLetters(beam.PTransform):
-    """Dead letters -> JSON lines (`reason`, `detail`, `source`, `row`), counted per reason."""
+    """Dead letters (one PCollection or several) -> JSON lines (`reason`, `detail`, `source`,
+    `row`), counted per reason."""
 
     def __init__(self, file_prefix: str):
         super().__init__()
         self.file_prefix = file_prefix
 
     def expand(self, letters):
+        if isinstance(letters, (tuple, list)):
+            letters = letters | "Collect" >> beam.Flatten()
         return (
             letters
             | "CountReasons" >> beam.Map(_count_reason)

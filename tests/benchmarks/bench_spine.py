@@ -132,7 +132,7 @@ def write_svg(path: str, keys: list, table, source: str) -> None:
     py = h - pad - (xy[:, 1] - lo[1]) / (hi[1] - lo[1] + 1e-12) * (h - 2 * pad)
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 30}" font-family="sans-serif">',
-        f'<rect width="100%" height="100%" fill="white"/>',
+        '<rect width="100%" height="100%" fill="white"/>',
         f'<text x="{pad}" y="22" font-size="14">day-of-week x hour embedding, PCA to 2-D '
         f"({explained:.0%} of variance); colour: hour of day</text>",
     ]
