@@ -14,6 +14,7 @@ and the time of k-means clusters. Peak RSS is the process's maximum resident set
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import resource
 import tempfile
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--skip-all", action="store_true", help="skip the all-rows neighbour export")
     parser.add_argument("--dir", default=tempfile.mkdtemp(prefix="embedpipe-bench-nn-"))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
     vectors = centres[rng.integers(args.clusters, size=args.rows)] + 0.5 * rng.normal(size=(args.rows, args.dim)).astype(np.float32)
