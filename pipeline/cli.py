@@ -85,10 +85,23 @@ def _dispatch(command: str, argv: list[str]) -> int:
         from pipeline import datasets
 
         print(f"wrote {datasets.run(argv)}")
-    elif command in ("neighbors", "recommend", "clusters"):
+    elif command == "neighbors":
         from trainer import neighbors
 
-        {"neighbors": neighbors.run_neighbors, "recommend": neighbors.run_recommend, "clusters": neighbors.run_clusters}[command](argv)
+        result = neighbors.run_neighbors(argv)
+        if "all" in result:
+            r = result["all"]
+            print(f"wrote the top {r['k']} neighbours of {r['rows']} rows to {r['path']} ({r['seconds']}s)")
+        _print_ranked(result.get("neighbors", {}))
+    elif command == "recommend":
+        from trainer import neighbors
+
+        _print_ranked(neighbors.run_recommend(argv))
+    elif command == "clusters":
+        from trainer import neighbors
+
+        r = neighbors.run_clusters(argv)
+        print(f"wrote {r['clusters']} clusters of {r['rows']} rows to {r['path']} (sizes {r['sizes']})")
     else:
         run_all(argv)
     return 0
@@ -120,6 +133,14 @@ def run_all(argv: list[str] | None = None) -> dict:
     print(f"  manifest:  {os.path.join(output_dir, MANIFEST)}")
     _print_metric(trained)
     return read_manifest(output_dir)
+
+
+def _print_ranked(results: dict) -> None:
+    """{query: [(key, label, score), ...]} as one block per query."""
+    for query, ranked in results.items():
+        print(f"{query}:")
+        for key, label, score in ranked:
+            print(f"  {score:+.4f}  {key}" + (f"  {label}" if label and label != key else ""))
 
 
 def _print_rows(rows: dict) -> None:

@@ -64,9 +64,17 @@ class NeighborIndex:
 
 def recommend(export_dir: str, user: str, k: int = 10) -> list[tuple[str, str, float]]:
     """Top-k items for a user of a two-tower export, by the model's own score u . v."""
-    users, items = load_table(os.path.join(export_dir, "user")), load_table(os.path.join(export_dir, "item"))
-    scores = items.vectors[: items.real_rows] @ users.vector(user)
-    return NeighborIndex(items).top_k(scores, k)
+    return _recommendations(*_user_item_tables(export_dir), [user], k)[user]
+
+
+def _user_item_tables(export_dir: str) -> tuple[EmbeddingTable, EmbeddingTable]:
+    return load_table(os.path.join(export_dir, "user")), load_table(os.path.join(export_dir, "item"))
+
+
+def _recommendations(users: EmbeddingTable, items: EmbeddingTable, keys: list[str], k: int) -> dict:
+    index = NeighborIndex(items)
+    real = items.vectors[: items.real_rows]
+    return {user: index.top_k(real @ users.vector(user), k) for user in keys}
 
 
 def write_all_neighbors(table: EmbeddingTable, k: int, path: str) -> dict:
@@ -156,12 +164,8 @@ def write_clusters(table: EmbeddingTable, k: int, path: str, seed: int = 0) -> d
     return {"path": path, "rows": n, "clusters": int(len(centroids)), "sizes": np.bincount(assignment).tolist()}
 
 
-def _print_rows(rows) -> None:
-    for key, label, score in rows:
-        print(f"  {score:+.4f}  {key}" + (f"  {label}" if label and label != key else ""))
-
-
-def run_neighbors(argv: list[str] | None = None) -> None:
+def run_neighbors(argv: list[str] | None = None) -> dict:
+    """`embedpipe neighbors`: {"all": write_all_neighbors result} or {"neighbors": {key: rows}}."""
     parser = argparse.ArgumentParser(prog="embedpipe neighbors", description="Nearest neighbours in an exported table (cosine).")
     parser.add_argument("table", help="an exported table directory, e.g. embedpipe_output/movielens/export/item")
     parser.add_argument("keys", nargs="*", help="keys or labels (e.g. titles) to look up")
@@ -173,32 +177,27 @@ def run_neighbors(argv: list[str] | None = None) -> None:
         parser.error("give one or more keys, or --all")
     table = load_table(args.table)
     if args.all:
-        result = write_all_neighbors(table, args.k, args.output or os.path.join(args.table, "neighbors.parquet"))
-        print(f"wrote the top {result['k']} neighbours of {result['rows']} rows to {result['path']} ({result['seconds']}s)")
-        return
+        return {"all": write_all_neighbors(table, args.k, args.output or os.path.join(args.table, "neighbors.parquet"))}
     index = NeighborIndex(table)
-    for key in args.keys:
-        print(f"{key}:")
-        _print_rows(index.neighbors(key, args.k))
+    return {"neighbors": {key: index.neighbors(key, args.k) for key in args.keys}}
 
 
-def run_recommend(argv: list[str] | None = None) -> None:
+def run_recommend(argv: list[str] | None = None) -> dict:
+    """`embedpipe recommend`: {user: rows}; the tables are loaded once for all users."""
     parser = argparse.ArgumentParser(prog="embedpipe recommend", description="Top items for a user (two-tower exports).")
     parser.add_argument("export", help="an export directory holding `user` and `item` tables")
     parser.add_argument("users", nargs="+", help="user keys")
     parser.add_argument("-k", type=int, default=10)
     args = parser.parse_args(argv)
-    for user in args.users:
-        print(f"{user}:")
-        _print_rows(recommend(args.export, user, args.k))
+    return _recommendations(*_user_item_tables(args.export), args.users, args.k)
 
 
-def run_clusters(argv: list[str] | None = None) -> None:
+def run_clusters(argv: list[str] | None = None) -> dict:
+    """`embedpipe clusters`: the write_clusters result."""
     parser = argparse.ArgumentParser(prog="embedpipe clusters", description="k-means clusters of an exported table (cosine).")
     parser.add_argument("table", help="an exported table directory")
     parser.add_argument("-k", type=int, default=20, help="number of clusters (default 20)")
     parser.add_argument("--output", help="Parquet path (default: TABLE/clusters.parquet)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = write_clusters(load_table(args.table), args.k, args.output or os.path.join(args.table, "clusters.parquet"), args.seed)
-    print(f"wrote {result['clusters']} clusters of {result['rows']} rows to {result['path']} (sizes {result['sizes']})")
+    return write_clusters(load_table(args.table), args.k, args.output or os.path.join(args.table, "clusters.parquet"), args.seed)
