@@ -14,6 +14,7 @@ from pipeline.collaborative import TemporalHoldout
 from pipeline.preprocess import LOCAL_RUNNER
 from pipeline.transforms import EVAL, TRAIN
 from schemas.config import load_config
+from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
 
 CONFIG = """
@@ -91,3 +92,22 @@ def test_models_beat_popularity_and_neighbours_share_the_planted_group(watch_run
     metadata = open(os.path.join(manifest["export"]["tables"]["item"], "metadata.tsv")).read().splitlines()
     assert metadata[0] == "key\tfrequency\tlabel" and metadata[1].split("\t")[2].startswith("Group ")
     assert json.load(open(os.path.join(out, "manifest.json")))["train"]["best_model"] in ("two_tower", "bag_of_history")
+    weights = manifest["train"]["history_weights"]["bag_of_history"]
+    assert len(weights) == 3 and weights[0] == 1.0 and all(w > 0 for w in weights)
+
+
+def test_bag_of_history_pools_by_position_from_the_end():
+    import tensorflow as tf
+
+    model = BagOfHistory(items=10, item_dim=3, max_history=4)
+    history = tf.ragged.constant([[1, 2, 3, 4, 5], [], [7]], dtype=tf.int64)
+    query = model.query(None, history).numpy()
+    table = model.item_table.embeddings.numpy()
+    # untrained: a plain mean of the last max_history items; an empty history gives zeros
+    np.testing.assert_allclose(query[0], table[[2, 3, 4, 5]].mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(query[1], 0.0)
+    np.testing.assert_allclose(query[2], table[7], rtol=1e-6)
+    model.recency.assign([np.log(3.0), 0.0, 0.0, 0.0])  # the newest item counts three times
+    expected = (table[[2, 3, 4]].sum(axis=0) + 3 * table[5]) / 6
+    np.testing.assert_allclose(model.query(None, history).numpy()[0], expected, rtol=1e-6)
+    assert model.history_weights() == [1.0, 0.3333, 0.3333, 0.3333]

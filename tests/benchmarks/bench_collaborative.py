@@ -220,7 +220,7 @@ def explore(config, out: str, split: dict, variants: list[dict]) -> list:
         if v["model"] == "two_tower":
             model = retrieval.TwoTower(split["user_rows"], split["item_rows"], dim, dim)
         else:
-            model = retrieval.BagOfHistory(split["item_rows"], dim)
+            model = retrieval.BagOfHistory(split["item_rows"], dim, config.max_history)
         started = time.perf_counter()
         retrieval.fit(
             model, split["train"], log_q if v["logq"] else no_q, batch_size=v["batch_size"], epochs=v["epochs"],
