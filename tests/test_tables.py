@@ -17,7 +17,9 @@ KEYS = ["plain", "with space", "tab\there", "new\nline", "back\\slash\\t", "naï
 @pytest.fixture
 def table_dir(tmp_path):
     vectors = np.random.default_rng(1).normal(size=(len(KEYS), 3)).astype(np.float32)
-    spec = TableSpec("t", "vocabulary", ("c",), len(KEYS), 3, len(KEYS) - 1, 1)
+    # Not a vocabulary table: a vocabulary cannot hold a line break (tf.Transform filters them out,
+    # and vocabulary.txt is line-based; test_formats covers vocabulary tables), every other file can.
+    spec = TableSpec("t", "bucket", ("c",), len(KEYS), 3, None, 1)
     frequency = np.arange(len(KEYS), dtype=np.int64)[::-1].copy()
     path = write_table(str(tmp_path / "t"), spec, KEYS, vectors, frequency, {"output_dir": "run"})
     return path, vectors, frequency
@@ -33,6 +35,10 @@ def test_round_trip_is_exact_for_awkward_keys(table_dir):
     assert set(table.as_dict()) == set(KEYS)
     with pytest.raises(KeyError, match="no key 'missing'"):
         table.vector("missing")
+    lines = open(os.path.join(path, "vectors.w2v.txt"), encoding="utf-8").read().split("\n")
+    assert lines[0] == f"{len(KEYS) - 1} 3" and lines[-1] == ""  # the real rows; "<OOV 0>" left out
+    assert [unescape_key(line.split(" ")[0]) for line in lines[1:-1]] == KEYS[:-1]
+    np.testing.assert_array_equal(np.array([line.split(" ")[1:] for line in lines[1:-1]], np.float32), vectors[:-1])
 
 
 def test_parquet_and_projector_files_agree(table_dir):
@@ -67,6 +73,13 @@ def test_damaged_or_inconsistent_tables_are_refused(table_dir):
 
 
 def test_escaping_is_reversible():
-    for key in KEYS + ["\\", "\\n", "a\\\tb", "\r\n"]:
+    for key in KEYS + ["\\", "\\n", "\\s", "a\\\tb", "\r\n", " \\ s "]:
         assert "\n" not in escape_key(key) and "\t" not in escape_key(key)
         assert unescape_key(escape_key(key)) == key
+        assert " " not in escape_key(key, space=True) and unescape_key(escape_key(key, space=True)) == key
+
+
+def test_a_vocabulary_key_with_a_line_break_is_refused(tmp_path):
+    spec = TableSpec("v", "vocabulary", ("c",), 2, 2, 2, 0)
+    with pytest.raises(ValueError, match="table v: key 'new\\\\nline' .* line break"):
+        write_table(str(tmp_path / "v"), spec, ["ok", "new\nline"], np.zeros((2, 2), np.float32), np.ones(2, np.int64), {})

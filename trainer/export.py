@@ -14,7 +14,12 @@
 * `projector_config.pbtxt`, `vectors.tsv`, `metadata.tsv` — the TensorBoard Embedding
   Projector (`tensorboard --logdir <output>/export` shows every table); a table of more than
   100,000 rows shows its 100,000 most frequent rows there (`projector_rows` in the manifest);
-* `manifest.json` — table name, kind, columns, rows, dim, the source run, and a sha256 per file.
+* for other downstream code (see `trainer.formats`): `embedding.ckpt.*` (a TensorFlow checkpoint
+  for `tf.feature_column.embedding_column(ckpt_to_load_from=...)`), `vocabulary.txt` (vocabulary
+  tables), `vectors.w2v.txt` (word2vec text, for gensim) and `saved_model/` (signatures `lookup`
+  and `neighbors`); `trainer.layers.embedding_layer` builds a Keras layer from the directory;
+* `manifest.json` — table name, kind, columns, rows, dim, the source run, how to load the
+  checkpoint (`checkpoint.prefix`, `checkpoint.tensor_name`), and a sha256 per file.
 
 `trainer.tables.load_table` reads a table back and checks it against its manifest.
 """
@@ -42,7 +47,7 @@ from pipeline.manifest import read_manifest, update_manifest
 from pipeline.tables import TableSpec, table_keys, table_specs
 from pipeline.rows import InputError
 from schemas.config import CollaborativeConfig, Config
-from trainer import retrieval
+from trainer import formats, retrieval
 from trainer.model import embedding_layer_name
 from trainer.tables import FILES, escape_key, sha256_file
 from trainer.train import model_dir
@@ -161,7 +166,7 @@ def write_table(
         shown = np.sort(np.argsort(-frequency, kind="stable")[:PROJECTOR_MAX_ROWS])
     _write_text(
         os.path.join(path, FILES["projector_tensor"]),
-        "".join("\t".join(repr(float(x)) for x in row) + "\n" for row in vectors[shown]),
+        "".join(row + "\n" for row in formats.format_rows(vectors[shown], "\t")),
     )
     columns = [escaped, [str(n) for n in frequency]] + ([[escape_key(x) for x in labels]] if labels else [])
     columns = [[column[i] for i in shown] for column in columns]
@@ -178,6 +183,8 @@ def write_table(
         f'  metadata_path: "{FILES["projector_metadata"]}"\n'
         "}\n",
     )
+    extra, described = _write_formats(path, spec, keys, vectors)
+    files = {**FILES, **extra}
     manifest = {
         "name": spec.name,
         "kind": spec.kind,
@@ -188,10 +195,29 @@ def write_table(
         "oov_rows": spec.oov_rows,
         "projector_rows": int(len(shown)),
         "source": source,
-        "files": {name: {"path": fn, "sha256": sha256_file(os.path.join(path, fn))} for name, fn in FILES.items()},
+        **described,
+        "files": {name: {"path": fn, "sha256": sha256_file(os.path.join(path, fn))} for name, fn in files.items()},
     }
     _write_text(os.path.join(path, "manifest.json"), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _write_formats(path: str, spec: TableSpec, keys: list[str], vectors: np.ndarray) -> tuple[dict[str, str], dict]:
+    """The `trainer.formats` files; ({file key: relative path}, manifest entries describing them)."""
+    real_rows = spec.rows - spec.oov_rows
+    files = formats.write_checkpoint(path, spec.name, vectors)
+    if spec.kind == "vocabulary":
+        files["vocabulary"] = formats.write_vocabulary(path, spec.name, keys, spec.vocabulary_size)
+    files["word2vec"] = formats.write_word2vec(path, keys, vectors, real_rows)
+    files.update(formats.write_saved_model(path, spec.kind, keys, vectors, spec.vocabulary_size, spec.oov_rows))
+    described = {
+        "checkpoint": {"prefix": formats.CHECKPOINT, "tensor_name": spec.name, "shape": [spec.rows, spec.dim]},
+        "word2vec": {"path": formats.WORD2VEC, "rows": real_rows},
+        "saved_model": {"path": formats.SAVED_MODEL, "signatures": ["lookup", "neighbors"]},
+    }
+    if spec.kind == "vocabulary":
+        described["vocabulary_file"] = {"path": formats.VOCABULARY, "size": spec.vocabulary_size, "num_oov_buckets": spec.oov_rows}
+    return files, described
 
 
 def _write_text(path: str, text: str) -> None:

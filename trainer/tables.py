@@ -37,16 +37,18 @@ FILES = {
 }
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "s": " "}
 
 
 class TableError(ValueError):
     """An exported table that is incomplete, corrupted or inconsistent with its manifest."""
 
 
-def escape_key(key: str) -> str:
-    """A key as written on one line of keys.tsv / metadata.tsv."""
-    return "".join(_ESCAPES.get(c, c) for c in key)
+def escape_key(key: str, space: bool = False) -> str:
+    """A key as written on one line of keys.tsv / metadata.tsv (`space=True`: also ` ` -> `\\s`,
+    for the word2vec file, whose fields are separated by spaces)."""
+    escaped = "".join(_ESCAPES.get(c, c) for c in key)
+    return escaped.replace(" ", "\\s") if space else escaped
 
 
 def unescape_key(text: str) -> str:
