@@ -147,12 +147,16 @@ def write_table(
     _write_text(os.path.join(path, FILES["keys"]), "".join(k + "\n" for k in escaped))
     with tf.io.gfile.GFile(os.path.join(path, FILES["vectors"]), "wb") as f:
         np.save(f, vectors, allow_pickle=False)
+    if vectors.size >= 2**31:  # list<float32> has int32 offsets
+        raise ValueError(f"table {spec.name}: {vectors.shape} is too large for one Parquet list<float32> column")
     table = pa.table(
         {
             "key": pa.array(keys, pa.string()),
             "row": pa.array(np.arange(len(keys), dtype=np.int64)),
             "frequency": pa.array(frequency),
-            "vector": pa.array(list(vectors), pa.list_(pa.float32())),
+            "vector": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, vectors.size + 1, vectors.shape[1], dtype=np.int32)), pa.array(vectors.ravel())
+            ),
             **({"label": pa.array(labels, pa.string())} if labels else {}),
         }
     )
@@ -164,10 +168,9 @@ def write_table(
     shown = np.arange(len(keys))
     if len(keys) > PROJECTOR_MAX_ROWS:
         shown = np.sort(np.argsort(-frequency, kind="stable")[:PROJECTOR_MAX_ROWS])
-    _write_text(
-        os.path.join(path, FILES["projector_tensor"]),
-        "".join(row + "\n" for row in formats.format_rows(vectors[shown], "\t")),
-    )
+    with tf.io.gfile.GFile(os.path.join(path, FILES["projector_tensor"]), "w") as f:
+        for _, rows in formats.iter_formatted_rows(vectors[shown], "\t"):
+            f.write("".join(row + "\n" for row in rows))
     columns = [escaped, [str(n) for n in frequency]] + ([[escape_key(x) for x in labels]] if labels else [])
     columns = [[column[i] for i in shown] for column in columns]
     header = "key\tfrequency" + ("\tlabel" if labels else "")

@@ -73,18 +73,19 @@ def write_vocabulary(path: str, table: str, keys: list[str], vocabulary_size: in
 
 def write_word2vec(path: str, keys: list[str], vectors: np.ndarray, real_rows: int) -> str:
     """`vectors.w2v.txt`: the real rows, keys escaped with `escape_key(key, space=True)`."""
-    rows = vectors[:real_rows]
-    lines = [f"{len(rows)} {vectors.shape[1]}\n"]
-    for key, row in zip(keys[:real_rows], format_rows(rows)):
-        lines.append(f"{escape_key(key, space=True)} {row}\n")
     with tf.io.gfile.GFile(os.path.join(path, WORD2VEC), "w") as f:
-        f.write("".join(lines))
+        f.write(f"{real_rows} {vectors.shape[1]}\n")
+        for start, rows in iter_formatted_rows(vectors[:real_rows]):
+            f.write("".join(f"{escape_key(k, space=True)} {row}\n" for k, row in zip(keys[start:], rows)))
     return WORD2VEC
 
 
-def format_rows(vectors: np.ndarray, separator: str = " ") -> list[str]:
-    """Each row as text; 9 significant digits round-trip every float32 exactly."""
-    return [separator.join(row) for row in np.char.mod("%.9g", vectors.astype(np.float64)).tolist()]
+def iter_formatted_rows(vectors: np.ndarray, separator: str = " ", block: int = 8192):
+    """(first row, [row as text, ...]) per block of rows; 9 significant digits round-trip every
+    float32 exactly. Blocks keep memory flat (the text of a 500k x 64 table is ~10x its bytes)."""
+    for start in range(0, len(vectors), block):
+        text = np.char.mod("%.9g", vectors[start : start + block].astype(np.float64)).tolist()
+        yield start, [separator.join(row) for row in text]
 
 
 class TableModule(tf.Module):
@@ -95,6 +96,11 @@ class TableModule(tf.Module):
         self.kind, self.rows, self.oov_rows = kind, len(keys), oov_rows
         self.real_rows = len(keys) - oov_rows
         self.vectors = tf.Variable(vectors, trainable=False, name="vectors")
+        # unit-length real rows, stored rather than recomputed on every `neighbors` call
+        real = vectors[: self.real_rows].astype(np.float32)
+        self.unit = tf.Variable(
+            real / np.maximum(np.linalg.norm(real, axis=1, keepdims=True), 1e-12), trainable=False, name="unit"
+        )
         self.keys = tf.Variable(keys, trainable=False, dtype=tf.string, name="keys")
         if kind in ("vocabulary", "identity", "bucket"):
             known = keys[: vocabulary_size if kind == "vocabulary" else self.real_rows]
@@ -125,9 +131,8 @@ class TableModule(tf.Module):
     )
     def neighbors(self, keys, k):
         rows = self.rows_of(keys)
-        real = tf.math.l2_normalize(self.vectors[: self.real_rows], axis=1)
         query = tf.math.l2_normalize(tf.gather(self.vectors, tf.maximum(rows, 0)), axis=1)
-        scores = tf.matmul(query, real, transpose_b=True)
+        scores = tf.matmul(query, self.unit, transpose_b=True)
         itself = tf.equal(rows[:, None], tf.range(self.real_rows, dtype=tf.int64)[None, :])
         scores = tf.where(itself, tf.constant(-np.inf, scores.dtype), scores)
         top = tf.math.top_k(scores, k=tf.minimum(k, self.real_rows - 1))

@@ -6,7 +6,8 @@ Not collected by pytest. From the repository root:
     python tests/benchmarks/bench_neighbors.py --rows 50000 --skip-all
 
 Writes a synthetic clustered table through the real export code, loads it back, then reports:
-single-query latency of `NeighborIndex.neighbors` after load (median and p95 of 200 queries),
+single-query latency of `NeighborIndex.neighbors` after load (median and p95 of 200 queries) and
+of the table's SavedModel signatures (`lookup`, `neighbors`; 100 queries each),
 the time and peak RSS of `write_all_neighbors` (every row's top-k by blocked matrix products),
 and the time of k-means clusters. Peak RSS is the process's maximum resident set size.
 """
@@ -61,6 +62,19 @@ def main() -> None:
         index.neighbors(key, 10)
         latencies.append((time.perf_counter() - t0) * 1000)
     print(f"single query (top 10 of {args.rows}): median {np.median(latencies):.1f} ms, p95 {np.percentile(latencies, 95):.1f} ms")
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    served = tf.saved_model.load(os.path.join(path, "saved_model"))
+    print(f"SavedModel load: {time.perf_counter() - started:.1f}s")
+    latencies = {"lookup": [], "neighbors": []}
+    for key in rng.choice(keys[:-1], size=100):
+        for name, kwargs in (("lookup", {}), ("neighbors", {"k": tf.constant(10)})):
+            t0 = time.perf_counter()
+            served.signatures[name](keys=tf.constant([key]), **kwargs)
+            latencies[name].append((time.perf_counter() - t0) * 1000)
+    for name, values in latencies.items():
+        print(f"SavedModel `{name}` signature, one key: median {np.median(values):.1f} ms, p95 {np.percentile(values, 95):.1f} ms")
     if not args.skip_all:
         rss_before = peak_rss_mib()
         result = neighbors.write_all_neighbors(table, args.k, os.path.join(args.dir, "neighbors.parquet"))
