@@ -28,6 +28,7 @@ COMMANDS = {
     "neighbors": "nearest neighbours of keys (or labels) in an exported table; --all for every row",
     "recommend": "top items for users of a two-tower export",
     "clusters": "k-means clusters of an exported table",
+    "report": "a self-contained HTML page of a run: summary, training curves, every table",
 }
 USAGE = "usage: embedpipe [-v] {" + ",".join(COMMANDS) + "} [--help] [options]"
 
@@ -102,6 +103,10 @@ def _dispatch(command: str, argv: list[str]) -> int:
 
         r = neighbors.run_clusters(argv)
         print(f"wrote {r['clusters']} clusters of {r['rows']} rows to {r['path']} (sizes {r['sizes']})")
+    elif command == "report":
+        from trainer import report
+
+        print(f"wrote {report.run(argv)}")
     else:
         run_all(argv)
     return 0

@@ -11,8 +11,9 @@
 * `table.parquet` — columns `key` (string), `row` (int64), `frequency` (int64: occurrences in
   the training split), `vector` (list<float32>), and `label` (string) where the config gives
   labels (item titles);
-* `projector_config.pbtxt`, `vectors.tsv`, `metadata.tsv` — the TensorBoard Embedding
-  Projector (`tensorboard --logdir <output>/export` shows every table); a table of more than
+* `projector_config.pbtxt`, `vectors.tsv`, `metadata.tsv`, `events.out.tfevents.0.embedpipe` —
+  the TensorBoard Embedding Projector (`tensorboard --logdir <output>/export` shows every table;
+  the one-event file makes the directory a TensorBoard run); a table of more than
   100,000 rows shows its 100,000 most frequent rows there (`projector_rows` in the manifest);
 * for other downstream code (see `trainer.formats`): `embedding.ckpt.*` (a TensorFlow checkpoint
   for `tf.feature_column.embedding_column(ckpt_to_load_from=...)`), `vocabulary.txt` (vocabulary
@@ -41,6 +42,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import tensorflow as tf
 import tensorflow_transform as tft
+from tensorflow.core.util import event_pb2
 
 from pipeline import preprocess as pre
 from pipeline.manifest import read_manifest, update_manifest
@@ -186,6 +188,9 @@ def write_table(
         f'  metadata_path: "{FILES["projector_metadata"]}"\n'
         "}\n",
     )
+    # wall_time 0: the file is the same bytes on every export
+    with tf.io.TFRecordWriter(os.path.join(path, FILES["projector_run"])) as writer:
+        writer.write(event_pb2.Event(wall_time=0.0, file_version="brain.Event:2").SerializeToString())
     extra, described = _write_formats(path, spec, keys, vectors)
     files = {**FILES, **extra}
     manifest = {

@@ -34,6 +34,9 @@ FILES = {
     "projector_config": "projector_config.pbtxt",
     "projector_tensor": "vectors.tsv",
     "projector_metadata": "metadata.tsv",
+    # One constant event so TensorBoard counts the table directory as a run: the projector only
+    # reads projector_config.pbtxt of runs (and of the logdir root).
+    "projector_run": "events.out.tfevents.0.embedpipe",
 }
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
