@@ -85,6 +85,20 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class TableInit:
+    """`init_from` of a categorical feature or cross: start its table from an exported one.
+
+    Rows are matched by key, not by position: a row whose key is in the source table starts
+    with the source's vector, every other row keeps its fresh random initialisation, and OOV
+    row i copies the source's OOV row i when both tables have one (see `trainer.train`).
+    `trainable: false` (the default) freezes the whole table during training; `true` fine-tunes it.
+    """
+
+    path: str  # the exported table directory (`<output>/export/<table>`), absolute or a URL
+    trainable: bool = False
+
+
+@dataclass(frozen=True)
 class CategoricalFeature:
     """One embedding table: a categorical column, or a cross of two or more columns."""
 
@@ -98,10 +112,16 @@ class CategoricalFeature:
     num_buckets: int | None = None
     hash_buckets: int | None = None
     separator: str = " x "
+    init_from: TableInit | None = None
 
     @property
     def is_cross(self) -> bool:
         return len(self.columns) > 1
+
+    @property
+    def config_field(self) -> str:
+        """Where the feature is in its config file, for error messages: `crosses.<name>` etc."""
+        return f"{'crosses' if self.is_cross else 'categorical'}.{self.name}"
 
     def embedding_dim(self, rows: int) -> int:
         return auto_embedding_dim(rows) if self.dim == "auto" else int(self.dim)
@@ -559,7 +579,7 @@ class _Parser:
         m = self.mapping(
             raw,
             where,
-            ("column", "type", "dim", "top_k", "min_count", "oov_buckets", "num_buckets", "hash_buckets"),
+            ("column", "type", "dim", "top_k", "min_count", "oov_buckets", "num_buckets", "hash_buckets", "init_from"),
             required=("type",),
         )
         col = self.categorical_column(m.get("column", name), f"{where}.column", columns, label)
@@ -572,7 +592,7 @@ class _Parser:
         m = self.mapping(
             raw,
             where,
-            ("columns", "type", "dim", "top_k", "min_count", "oov_buckets", "hash_buckets", "separator"),
+            ("columns", "type", "dim", "top_k", "min_count", "oov_buckets", "hash_buckets", "separator", "init_from"),
             required=("columns", "type"),
         )
         cols = self.string_list(m["columns"], f"{where}.columns")
@@ -607,7 +627,39 @@ class _Parser:
             if "hash_buckets" not in m:
                 self.fail(f"{where}.hash_buckets", "a hash feature needs hash_buckets")
             kwargs["hash_buckets"] = self.integer(m["hash_buckets"], f"{where}.hash_buckets", 2, MAX_TABLE_ROWS)
+        if m.get("init_from") is not None:
+            kwargs["init_from"] = init = self.init_from(m["init_from"], f"{where}.init_from")
+            kwargs["dim"] = self.transfer_dim(kwargs["dim"], init, where)
         return CategoricalFeature(**kwargs)
+
+    def init_from(self, raw, where: str) -> TableInit:
+        m = self.mapping(raw, where, ("path", "trainable"), required=("path",))
+        path = self.string(m["path"], f"{where}.path")
+        if "://" not in path and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(os.path.dirname(self.path), path))
+        return TableInit(path=path, trainable=self.boolean(m.get("trainable", False), f"{where}.trainable"))
+
+    def transfer_dim(self, dim: int | str, init: TableInit, where: str) -> int | str:
+        """The table's dim given its source table: `auto` becomes the source's dim, and an
+        explicit dim must equal it. Checked here when the source is a local table that already
+        exists; otherwise (not exported yet, or a remote path: reading it needs TensorFlow) the
+        trainer checks it, and `auto` follows the usual rule until then."""
+        manifest_path = os.path.join(init.path, "manifest.json")
+        if "://" in init.path or not os.path.isfile(manifest_path):
+            return dim
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                source_dim = json.load(f)["dim"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.fail(f"{where}.init_from.path", f"{manifest_path} is not an exported table manifest ({e!r})")
+        if isinstance(source_dim, bool) or not isinstance(source_dim, int) or source_dim < 1:
+            self.fail(f"{where}.init_from.path", f"{manifest_path}: dim is {source_dim!r}, not a positive integer")
+        if dim != "auto" and dim != source_dim:
+            self.fail(
+                f"{where}.dim",
+                f"is {dim} but the init_from table {init.path} has dim {source_dim}; set dim: {source_dim} or auto",
+            )
+        return source_dim
 
     def numeric(self, name, raw, columns, label) -> NumericFeature:
         where = f"numeric.{name}"

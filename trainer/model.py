@@ -2,7 +2,10 @@
 
 `build_model` takes plain numbers (table sizes, dimensions, feature names), so it is unit-testable
 without any tf.Transform artifacts; `trainer.train` reads those numbers from the transform output.
-Each table is the layer named `<feature>_embedding` (see `embedding_layer_name`).
+Each table is the layer named `<feature>_embedding` (see `embedding_layer_name`). A table
+built with `trainable=False` is frozen (a `keras.layers.Embedding` with `trainable=False`: no
+gradient, no optimizer slot, bit-for-bit unchanged by `fit`); `set_table_rows` overwrites rows of
+a built table, e.g. with vectors from an exported table (transfer learning, see `trainer.train`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -17,6 +21,7 @@ class Table:
     name: str
     rows: int
     dim: int
+    trainable: bool = True
 
 
 def embedding_layer_name(table: str) -> str:
@@ -44,7 +49,8 @@ def build_model(
     for t in tables:
         ids = keras.Input(shape=(), dtype="int64", name=t.name)
         inputs[t.name] = ids
-        parts.append(keras.layers.Embedding(t.rows, t.dim, name=embedding_layer_name(t.name))(ids))
+        table = keras.layers.Embedding(t.rows, t.dim, trainable=t.trainable, name=embedding_layer_name(t.name))
+        parts.append(table(ids))
     for name in numeric:
         x = keras.Input(shape=(), dtype="float32", name=name)
         inputs[name] = x
@@ -67,6 +73,18 @@ def build_model(
     model = keras.Model(inputs=inputs, outputs=output, name="embedpipe")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss_fn, metrics=metrics)
     return model
+
+
+def set_table_rows(model: keras.Model, table: str, rows: np.ndarray, vectors: np.ndarray) -> None:
+    """Overwrites rows `rows` of table `table` with `vectors` ([len(rows), dim]); other rows keep
+    their values. Works on frozen tables too (it assigns the weights, no optimizer involved)."""
+    layer = model.get_layer(embedding_layer_name(table))
+    matrix = np.array(layer.get_weights()[0])
+    rows = np.asarray(rows, dtype=np.int64)
+    if vectors.shape != (len(rows), matrix.shape[1]):
+        raise ValueError(f"table {table}: {len(rows)} rows of dim {matrix.shape[1]} expected, got vectors {vectors.shape}")
+    matrix[rows] = vectors
+    layer.set_weights([matrix])
 
 
 def headline_metric(task: str) -> str:

@@ -9,6 +9,16 @@ tf.Transform graph and returns `prediction`), `logs/` (TensorBoard), `history.js
 
 `--baseline` trains the same model without any embedding table (numeric features only): the
 yardstick the embeddings have to beat.
+
+Transfer learning: a categorical feature or cross with `init_from: {path: <export>/<table>,
+trainable: false|true}` starts from a previously exported table (`trainer.tables.load_table`,
+checksums verified). Rows are matched by key (`match_rows`): a key of the new table that the
+source has gets the source's vector, new keys keep their random initialisation, and OOV row i
+copies the source's OOV row i when both tables have OOV rows. `trainable: false` freezes the
+table; `true` fine-tunes it. The match rate (of rows, and of training occurrences from
+`id_counts.json`) is logged and written to the manifest as `train.transfer.<table>`. A missing
+source table, or one whose dim differs from the table's, stops training with a `ConfigError`
+naming the field.
 """
 
 from __future__ import annotations
@@ -18,19 +28,22 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from pipeline import preprocess as pre
 from pipeline.manifest import read_manifest, update_manifest
 from pipeline.preprocessing import LABEL_KEY, LABEL_VOCABULARY
-from pipeline.tables import table_specs
-from schemas.config import CollaborativeConfig, Config
+from pipeline.tables import TableSpec, table_keys, table_specs
+from schemas.config import CategoricalFeature, CollaborativeConfig, Config, ConfigError
 from trainer import retrieval
 from trainer.data import make_dataset
-from trainer.model import Table, build_model, headline_metric
+from trainer.model import Table, build_model, headline_metric, set_table_rows
+from trainer.tables import EmbeddingTable, load_table
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,6 +69,101 @@ class ServingModule(tf.Module):
         return {"prediction": prediction}
 
 
+@dataclass(frozen=True)
+class RowMatch:
+    """Which rows of a new table start from which rows of a source table."""
+
+    rows: np.ndarray  # int64 rows of the new table, matched keys first, then OOV rows
+    source_rows: np.ndarray  # the source row each of them copies
+    matched_keys: int  # how many of `rows` were matched by key (the rest are OOV rows)
+
+    @property
+    def oov_rows(self) -> int:
+        return len(self.rows) - self.matched_keys
+
+
+def match_rows(keys: list[str], oov_rows: int, source_keys: list[str], source_oov_rows: int) -> RowMatch:
+    """Matches a new table's rows to a source table's: the real (non-OOV) rows by key, and OOV
+    row i to the source's OOV row i where both exist. OOV rows are the last `oov_rows` of each
+    table (`<OOV 0>`, ... or `<OOV>`); a real key never matches an OOV row."""
+    real, source_real = len(keys) - oov_rows, len(source_keys) - source_oov_rows
+    index = {key: i for i, key in enumerate(source_keys[:source_real])}
+    pairs = [(i, index[key]) for i, key in enumerate(keys[:real]) if key in index]
+    matched = len(pairs)
+    pairs += [(real + i, source_real + i) for i in range(min(oov_rows, source_oov_rows))]
+    rows = np.array([i for i, _ in pairs], dtype=np.int64)
+    source_rows = np.array([j for _, j in pairs], dtype=np.int64)
+    return RowMatch(rows, source_rows, matched)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A table that starts from an exported one (`init_from` of its feature)."""
+
+    feature: CategoricalFeature
+    spec: TableSpec
+    source: EmbeddingTable
+    match: RowMatch
+
+    def report(self, counts: dict[str, int] | None) -> dict:
+        """The manifest entry; `counts` are the table's training occurrences per row id."""
+        rows = len(self.match.rows)
+        entry = {
+            "source": self.feature.init_from.path,
+            "trainable": self.feature.init_from.trainable,
+            "rows": self.spec.rows,
+            "matched_rows": rows,
+            "matched_keys": self.match.matched_keys,
+            "oov_rows_copied": self.match.oov_rows,
+            "match_rate": round(rows / self.spec.rows, 4),
+            "occurrence_match_rate": None,
+        }
+        total = sum(counts.values()) if counts else 0
+        if total:
+            hits = sum(counts.get(str(r), 0) for r in self.match.rows.tolist())
+            entry["occurrence_match_rate"] = round(hits / total, 4)
+        return entry
+
+
+def prepare_transfers(config: Config, specs: list[TableSpec], tft_output: tft.TFTransformOutput) -> dict[str, Transfer]:
+    """Loads the source table of every `init_from` and matches its keys; raises ConfigError
+    naming the field when a source is missing or does not fit the table."""
+    by_name = {s.name: s for s in specs}
+    transfers = {}
+    for f in config.categorical:
+        if f.init_from is None:
+            continue
+        where, path = f"{config.source}: {f.config_field}", f.init_from.path
+        if not tf.io.gfile.exists(os.path.join(path, "manifest.json")):
+            raise ConfigError(
+                f"{where}.init_from.path: no exported table at {path} (run `embedpipe export` on the source run first)"
+            )
+        source, spec = load_table(path), by_name[f.name]
+        if source.dim != spec.dim:
+            raise ConfigError(
+                f"{where}.dim: the table has dim {spec.dim} but the init_from table {path} has dim {source.dim}; "
+                f"set dim: {source.dim} (dim: auto takes the source's dim when the table exists as the config is loaded)"
+            )
+        source_kind = source.manifest.get("kind")
+        if (spec.kind == "hash" or source_kind == "hash") and (spec.kind, spec.rows) != (source_kind, len(source)):
+            raise ConfigError(
+                f"{where}.init_from.path: a hash table starts only from a hash table with as many buckets; "
+                f"this one is {spec.kind} with {spec.rows} rows, {path} is {source_kind} with {len(source)} rows"
+            )
+        source_oov = int(source.manifest.get("oov_rows") or 0)
+        match = match_rows(table_keys(spec, tft_output), spec.oov_rows, source.keys, source_oov)
+        transfers[f.name] = Transfer(f, spec, source, match)
+    return transfers
+
+
+def _id_counts(output_dir: str) -> dict[str, dict[str, int]]:
+    path = pre.id_counts_path(output_dir)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
 def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: int | None = None) -> dict:
     """Trains, saves the model and the serving SavedModel; returns the manifest section."""
     started = time.time()
@@ -67,8 +175,10 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
     task = config.label.task
     # multiclass: the classes seen in training plus the one OOV class (see pipeline.preprocessing)
     num_classes = tft_output.vocabulary_size_by_name(LABEL_VOCABULARY) + 1 if task == "multiclass" else 2
+    transfers = {} if baseline else prepare_transfers(config, specs, tft_output)
+    frozen = {name for name, tr in transfers.items() if not tr.feature.init_from.trainable}
     model = build_model(
-        [Table(s.name, s.rows, s.dim) for s in specs],
+        [Table(s.name, s.rows, s.dim, trainable=s.name not in frozen) for s in specs],
         numeric,
         task,
         num_classes=num_classes,
@@ -76,6 +186,7 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
         learning_rate=t.learning_rate,
         loss=config.label.loss,
     )
+    transfer_section = _apply_transfers(model, transfers, output_dir)
     used = [s.name for s in specs] + numeric + [LABEL_KEY]
     spec = {k: v for k, v in tft_output.transformed_feature_spec().items() if k in used}
     rows = read_manifest(output_dir).get("preprocess", {}).get("rows", {})
@@ -127,10 +238,35 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
         "eval_metrics": metrics,
         "headline_metric": {"name": headline, "value": metrics[headline]},
         "tables": {s.name: {"rows": s.rows, "dim": s.dim} for s in specs},
+        **({"transfer": transfer_section} if transfer_section else {}),
         "timings_s": {"train": round(elapsed, 2)},
     }
     _LOG.info("train: eval %s = %.4f after %d epochs (%.1fs)", headline, metrics[headline], section["epochs_run"], elapsed)
     update_manifest(output_dir, "baseline" if baseline else "train", section)
+    return section
+
+
+def _apply_transfers(model: keras.Model, transfers: dict[str, Transfer], output_dir: str) -> dict:
+    """Copies the matched source rows into the model's tables; returns `train.transfer`."""
+    counts = _id_counts(output_dir) if transfers else {}
+    section = {}
+    for name, tr in transfers.items():
+        set_table_rows(model, name, tr.match.rows, tr.source.vectors[tr.match.source_rows])
+        section[name] = entry = tr.report(counts.get(name))
+        occurrences = entry["occurrence_match_rate"]
+        _LOG.log(
+            logging.WARNING if entry["matched_keys"] == 0 else logging.INFO,
+            "train: %s starts from %s (%s): %d of %d rows matched (%.1f%%; %d by key, %d OOV)%s",
+            name,
+            entry["source"],
+            "fine-tuned" if entry["trainable"] else "frozen",
+            entry["matched_rows"],
+            entry["rows"],
+            100 * entry["match_rate"],
+            entry["matched_keys"],
+            entry["oov_rows_copied"],
+            "" if occurrences is None else f", {100 * occurrences:.1f}% of training occurrences",
+        )
     return section
 
 
