@@ -176,7 +176,9 @@ def _counters(result) -> dict[str, int]:
     query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
     counts: dict[str, int] = {}
     for c in query["counters"]:
-        counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + c.committed
+        # Portable Flink reports attempted counters only (committed is None there).
+        value = c.committed if c.committed is not None else (c.attempted or 0)
+        counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + value
     return counts
 
 
