@@ -1,12 +1,14 @@
 """The `embedpipe` command: preprocess, train, export, or all three with `run`.
 
     embedpipe run                                   # bundled taxi sample, DirectRunner
-    embedpipe run --config flights --input data/flights.parquet --output out/flights
-    embedpipe preprocess --config my.yaml --runner DataflowRunner --project P ...
+    embedpipe run --config flights --input data/flights.parquet --output out/flights --run-id 20261123
+    embedpipe preprocess --config my.yaml --output ROOT --run-id ID --runner DataflowRunner --project P ...
+    embedpipe publish --output ROOT --run-id ID     # point ROOT/LATEST at a finished run
     embedpipe example-data flights --output data/   # needs: pip install -e ".[flights]"
 
 Each subcommand is a thin adapter over a module's `run(argv)` (`pipeline.preprocess`,
-`trainer.train`, `trainer.export`, `pipeline.datasets`); `embedpipe run` chains the three stages.
+`trainer.train`, `trainer.export`, `pipeline.datasets`, ...); `embedpipe run` chains the three
+stages into a versioned run directory and publishes it (`pipeline.runs`).
 Beam pipeline options (`--runner`, `--direct_num_workers`, `--temp_location`, ...) pass through to
 the preprocessing job. A bad config or input ends with one `embedpipe: error: ...` line.
 """
@@ -29,6 +31,7 @@ COMMANDS = {
     "recommend": "top items for users of a two-tower export",
     "clusters": "k-means clusters of an exported table",
     "report": "a self-contained HTML page of a run: summary, training curves, every table",
+    "publish": "verify a versioned run (--output ROOT --run-id ID) and point ROOT/LATEST at it",
 }
 USAGE = "usage: embedpipe [-v] {" + ",".join(COMMANDS) + "} [--help] [options]"
 
@@ -51,12 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after logging is set up: TensorFlow and Beam take seconds to import, which
     # `embedpipe --help` should not pay.
     from pipeline.rows import InputError
+    from pipeline.runs import RunError
     from schemas.config import ConfigError
     from trainer.tables import TableError
 
     try:
         return _dispatch(command, rest)
-    except (ConfigError, InputError, TableError, FileNotFoundError) as e:
+    except (ConfigError, InputError, TableError, RunError, FileNotFoundError) as e:
         print(f"embedpipe: error: {e}", file=sys.stderr)
         return 2
     except KeyError as e:  # a key that is not in a table
@@ -103,6 +107,8 @@ def _dispatch(command: str, argv: list[str]) -> int:
 
         r = neighbors.run_clusters(argv)
         print(f"wrote {r['clusters']} clusters of {r['rows']} rows to {r['path']} (sizes {r['sizes']})")
+    elif command == "publish":
+        publish(argv)
     elif command == "report":
         from trainer import report
 
@@ -113,8 +119,9 @@ def _dispatch(command: str, argv: list[str]) -> int:
 
 
 def run_all(argv: list[str] | None = None) -> dict:
-    """`embedpipe run`: the three stages on one config and output directory; returns the manifest."""
+    """`embedpipe run`: the three stages into OUTPUT/runs/RUN_ID/, then publish; returns the manifest."""
     from pipeline import preprocess as pre
+    from pipeline import runs
     from pipeline.manifest import MANIFEST, read_manifest
     from trainer import export, train
 
@@ -126,18 +133,51 @@ def run_all(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, help="maximum epochs (default: training.epochs of the config)")
     args, beam_args = parser.parse_known_args(argv)
     started = time.time()
-    config, output_dir = pre.resolve(args)
-    logging.getLogger("embedpipe").info("run: config %s -> %s", config.source, output_dir)
+    args.run_id = runs.check_run_id(args.run_id or runs.default_run_id())
+    warm, args.warm_start = args.warm_start, False
+    config, output_dir = pre.resolve(args, allow_complete=True)
+    root = os.path.dirname(os.path.dirname(output_dir))
+    log = logging.getLogger("embedpipe")
+    digest = config.digest()  # of the config as asked for: what makes a re-run "the same run"
+    if runs.prepare(root, args.run_id, digest):
+        pointer = runs.publish(root, args.run_id, digest)
+        print(f"embedpipe run: {output_dir} is already complete with this config; published it again")
+        print(f"  latest:    {os.path.join(root, runs.LATEST)} -> {pointer['run_dir']}")
+        return read_manifest(output_dir)
+    if warm:
+        config = runs.warm_start(config, root)
+    log.info("run: config %s -> %s%s", config.source, output_dir, " (warm start from LATEST)" if warm else "")
     rows = pre.preprocess(config, output_dir, beam_args)["rows"]
     trained = train.train_any(config, output_dir, epochs=args.epochs)
     exported = export.export(config, output_dir)
+    pointer = runs.publish(root, args.run_id, digest, config.drift, config.source)
     print(f"\nembedpipe run finished in {time.time() - started:.0f}s")
     _print_rows(rows)
     print(f"  model:     {trained['model_dir']}")
     print(f"  tables:    {exported['dir']}  ({', '.join(exported['tables'])})")
     print(f"  manifest:  {os.path.join(output_dir, MANIFEST)}")
+    print(f"  latest:    {os.path.join(root, runs.LATEST)} -> {pointer['run_dir']}")
     _print_metric(trained)
     return read_manifest(output_dir)
+
+
+def publish(argv: list[str] | None = None) -> dict:
+    """`embedpipe publish --output ROOT --run-id ID`: the last task of a scheduled run."""
+    from pipeline import runs
+    from schemas.config import load_config
+
+    parser = argparse.ArgumentParser(prog="embedpipe publish", description=COMMANDS["publish"])
+    parser.add_argument("--output", required=True, help="the root that holds runs/<id>/ and LATEST")
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--config", help="the run's config: its drift: limits are checked (default: drift reported only)")
+    args = parser.parse_args(argv)
+    if args.config:
+        config = load_config(args.config)
+        pointer = runs.publish(args.output, args.run_id, drift_limits=config.drift, config_source=config.source)
+    else:
+        pointer = runs.publish(args.output, args.run_id)
+    print(f"published {os.path.join(args.output, runs.LATEST)} -> {pointer['run_dir']}")
+    return pointer
 
 
 def _print_ranked(results: dict) -> None:

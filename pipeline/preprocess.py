@@ -33,7 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from tfx_bsl.public import tfxio
 
-from pipeline import collaborative, rows, transforms
+from pipeline import collaborative, rows, runs, transforms
 from pipeline.manifest import update_manifest
 from pipeline.preprocessing import make_preprocessing_fn
 from pipeline.tables import table_specs
@@ -119,10 +119,9 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
     matches = FileSystems.match([config.input.path])[0].metadata_list
     if not matches:
         raise rows.InputError(f"input.path: no file matches {config.input.path!r} (config {config.source})")
-    if config.input.format == "csv" and config.input.header:
-        for match in matches:
-            with FileSystems.open(match.path, compression_type="uncompressed") as f:
-                rows.check_csv_header(f.readline(), config, match.path)
+    for match in matches:
+        with FileSystems.open(match.path) as f:
+            rows.check_input_file(f, config, match.path)  # the CSV header, the Parquet columns
     out = preprocess_dir(output_dir)
     if FileSystems.exists(out):
         FileSystems.delete([out])  # stale shards of an earlier run must not be read as this run's
@@ -137,9 +136,11 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
         result.wait_until_finish()
     elapsed = time.time() - started
     counts = _counters(result)
+    dead = {k[len("dead_letter_"):]: v for k, v in counts.items() if k.startswith("dead_letter_")}
+    dead_letters = os.path.join(out, "dead_letter", "rejected-*.jsonl")
+    rows.check_bad_fraction(counts.get("rows_read", 0), dead, config, dead_letters)  # before anything is published
     tft_output = tft.TFTransformOutput(transform_dir(output_dir))
     specs = table_specs(config, tft_output)
-    dead = {k[len("dead_letter_"):]: v for k, v in counts.items() if k.startswith("dead_letter_")}
     section = {
         "config": {"name": config.name, "path": config.source, "sha256": config.digest()},
         "inputs": {"path": config.input.path, "format": config.input.format, "files": [m.path for m in matches]},
@@ -156,7 +157,7 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
             "transform": transform_dir(output_dir),
             "train": examples_pattern(output_dir, TRAIN),
             "eval": examples_pattern(output_dir, EVAL),
-            "dead_letter": os.path.join(out, "dead_letter", "rejected-*.jsonl"),
+            "dead_letter": dead_letters,
             "id_counts": id_counts_path(output_dir),
         },
         "timings_s": {"preprocess": round(elapsed, 2)},
@@ -185,11 +186,23 @@ def _counters(result) -> dict[str, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="taxi", help="bundled config name or path to a YAML config (default: taxi)")
     parser.add_argument("--input", help="input file or glob; overrides input.path of the config")
-    parser.add_argument("--output", help="output directory (default: embedpipe_output/<config name>)")
+    parser.add_argument(
+        "--output",
+        help="output directory (default: embedpipe_output/<config name>); with --run-id, the root that holds runs/<id>/",
+    )
+    parser.add_argument("--run-id", help="write to OUTPUT/runs/RUN_ID/ (a versioned run; see pipeline.runs)")
+    parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="with --run-id: start every table from the last published run's (OUTPUT/LATEST), matched by key",
+    )
     parser.add_argument("--item-metadata", help="collaborative configs: item metadata file; overrides item_metadata.path")
 
 
-def resolve(args: argparse.Namespace) -> tuple[DatasetConfig, str]:
+def resolve(args: argparse.Namespace, allow_complete: bool = False) -> tuple[DatasetConfig, str]:
+    """(config, run directory) from the common flags. A stage command refuses a run that is
+    already complete (published or ready to be): rewriting it would change what LATEST serves;
+    `embedpipe run` (`allow_complete`) re-publishes it instead."""
     config = load_config(args.config)
     if args.input:
         config = config.with_input_path(args.input)
@@ -197,7 +210,17 @@ def resolve(args: argparse.Namespace) -> tuple[DatasetConfig, str]:
         if not isinstance(config, CollaborativeConfig) or config.metadata is None:
             raise ConfigError(f"{config.source}: --item-metadata needs a collaborative config with item_metadata")
         config = dataclasses.replace(config, metadata=dataclasses.replace(config.metadata, path=args.item_metadata))
-    return config, args.output or os.path.join("embedpipe_output", config.name)
+    root = args.output or os.path.join("embedpipe_output", config.name)
+    if not getattr(args, "run_id", None):
+        if getattr(args, "warm_start", False):
+            raise ConfigError("--warm-start needs --run-id (it starts from OUTPUT/LATEST, the last published run)")
+        return config, root
+    path = runs.run_dir(root, args.run_id)
+    if not allow_complete and runs.is_complete(path):
+        raise runs.RunError(f"{path} is a complete run; stages never rewrite one (use a new --run-id)")
+    if getattr(args, "warm_start", False):
+        config = runs.warm_start(config, root)
+    return config, path
 
 
 def run(argv: list[str] | None = None) -> dict:

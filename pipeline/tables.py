@@ -12,9 +12,14 @@ manifest, the trainer (table sizes) and the exporter (row keys):
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass
 
+import tensorflow as tf
 import tensorflow_transform as tft
+
+from pipeline import runs
 
 from schemas.config import CollaborativeConfig, Config, auto_embedding_dim
 
@@ -47,7 +52,12 @@ def table_specs(config: Config | CollaborativeConfig, tft_output: tft.TFTransfor
             vocab = tft_output.vocabulary_size_by_name(side.name)
             rows = vocab + side.oov_buckets
             # Users and items share one space: an `auto` user dimension follows the items'.
-            dim = specs[0].dim if side is config.user and side.dim == "auto" else side.embedding_dim(rows)
+            if side.init_from and side.dim == "auto":
+                dim = _source_dim(side.init_from.path)  # a warm start keeps yesterday's dim
+            elif side is config.user and side.dim == "auto":
+                dim = specs[0].dim
+            else:
+                dim = side.embedding_dim(rows)
             specs.append(TableSpec(side.name, "vocabulary", (side.column,), rows, dim, vocab, side.oov_buckets))
         return specs[::-1]
     specs = []
@@ -59,12 +69,23 @@ def table_specs(config: Config | CollaborativeConfig, tft_output: tft.TFTransfor
             vocab, rows, oov = None, f.num_buckets + 1, 1
         else:
             vocab, rows, oov = None, f.hash_buckets, 0
-        specs.append(TableSpec(f.name, f.type, f.columns, rows, f.embedding_dim(rows), vocab, oov))
+        dim = _source_dim(f.init_from.path) if f.init_from and f.dim == "auto" else f.embedding_dim(rows)
+        specs.append(TableSpec(f.name, f.type, f.columns, rows, dim, vocab, oov))
     for n in config.numeric:
         if n.bucketize:
             dim = auto_embedding_dim(n.bucketize) if n.bucket_dim == "auto" else int(n.bucket_dim)
             specs.append(TableSpec(n.bucket_feature, "bucket", (n.column,), n.bucketize, dim))
     return specs
+
+
+def _source_dim(path: str) -> int:
+    """The dim of the exported table an `init_from` names (`auto` follows it), else 0 so that
+    the trainer reports the missing table with the config field."""
+    manifest = os.path.join(runs.resolve(path), "manifest.json")
+    if not tf.io.gfile.exists(manifest):
+        return 0
+    with tf.io.gfile.GFile(manifest) as f:
+        return int(json.load(f)["dim"])
 
 
 def table_keys(spec: TableSpec, tft_output: tft.TFTransformOutput) -> list[str]:

@@ -5,36 +5,44 @@
 `TransformAndWrite` runs tf.Transform (analyze on train, apply to both splits) and writes the
 examples (`WriteExamples`), the transform graph and `CountIds` (how often each table row occurs
 in the transformed training data, the `frequency` of the exports); `WriteDeadLetters` writes
-every rejected row with its reason. The row-level logic itself is in `pipeline.rows`; these
-wrappers add batching, tagging and counters.
+every rejected row with its reason, file and line. The row-level logic itself is in
+`pipeline.rows`; these wrappers add reading with positions, batching, Beam's exception handling
+(an unexpected error costs one row, never the job), tagging and counters.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+from typing import Any
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import tensorflow_transform.beam as tft_beam
+from apache_beam.io import filebasedsource, textio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.windowed_value import WindowedValue
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
-from tfx_bsl.tfxio.parquet_tfxio import ParquetTFXIO
 
 from pipeline import rows
-from schemas.config import Config
+from schemas.config import Config, DatasetConfig
 
 NAMESPACE = "embedpipe"
 DEAD = "dead"
 TRAIN = "train"
 EVAL = "eval"
 CSV_BATCH_LINES = 8192
+PARQUET_BATCH_ROWS = 65536
+LINE_INDEX_BLOCK_BYTES = 16 << 20
 PROGRESS_EVERY_ROWS = 200_000
 
 _LOG = logging.getLogger(__name__)
@@ -55,113 +63,223 @@ class _ReadProgress:
 
 
 class ReadRawLogs(beam.PTransform):
-    """Reads the configured input into `(source, RecordBatch)` pairs, plus dead letters.
+    """Reads the configured input into `rows.RawRows` batches, each row with its file and line.
 
-    CSV is read line by line (splittable across workers) and parsed in batches with pyarrow, so
-    a malformed line becomes a dead letter instead of failing the job; Parquet goes through
-    tfx_bsl's `ParquetTFXIO`. Returns a `DoOutputsTuple` with the main output and `DEAD`.
+    CSV is read line by line (splittable across workers, see `_LinesWithPosition`), Parquet row
+    group by row group (`_ParquetRowGroups`); nothing is parsed here, so that every per-row step
+    runs inside `ParseAndValidate`'s exception handling. Returns a `DoOutputsTuple` with the main
+    output `rows` and `DEAD` (rows the reader itself rejects: none at present).
 
         batches = pipeline | ReadRawLogs(config)
-        batches[None], batches[DEAD]
+        batches.rows, batches[DEAD]
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: DatasetConfig):
         super().__init__()
         self.config = config
 
     def expand(self, pbegin):
         inp = self.config.input
         if inp.format == "csv":
-            lines = pbegin | "ReadLines" >> beam.io.ReadFromTextWithFilename(
-                inp.path, skip_header_lines=1 if inp.header else 0, coder=beam.coders.BytesCoder()
+            source = _LinesWithPosition(
+                inp.path, 0, CompressionTypes.AUTO, True, beam.coders.BytesCoder(),
+                skip_header_lines=1 if inp.header else 0,
             )
-            return lines | "ParseCsv" >> beam.ParDo(_ParseCsvLines(self.config)).with_outputs(DEAD, main="rows")
-        source = ParquetTFXIO(inp.path, column_names=self.config.raw_columns)
-        batches = (
+            return (
+                pbegin
+                | "ReadLines" >> beam.io.Read(source)
+                | "BatchLines" >> beam.ParDo(_BatchLines()).with_outputs(DEAD, main="rows")
+            )
+        return (
             pbegin
-            | "ReadParquet" >> source.BeamSource()
-            | "TagSource" >> beam.ParDo(_TagParquetBatches(inp.path)).with_outputs(DEAD, main="rows")
+            | "ReadParquet" >> beam.io.Read(_ParquetRowGroups(inp.path, self.config.raw_columns))
+            | "BatchRows" >> beam.ParDo(_BatchParquetRows()).with_outputs(DEAD, main="rows")
         )
-        return batches
 
 
-class _ParseCsvLines(beam.DoFn):
-    """Buffers (filename, line) pairs per file and parses them in batches."""
+class _ClaimRecorder:
+    """A range tracker that remembers the last position claimed (and otherwise delegates)."""
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, tracker):
+        self._tracker = tracker
+        self.last = None
+
+    def try_claim(self, position):
+        self.last = position
+        return self._tracker.try_claim(position)
+
+    def __getattr__(self, name):
+        return getattr(self._tracker, name)
+
+
+class _LinesWithPosition(textio._TextSource):
+    """Beam's text source (as `ReadFromText`), yielding `(file, offset, line, text)` per line.
+
+    `offset` is the byte offset at which the line starts (the position the reader claims for
+    it). `line` is the 1-based line number where the piece being read starts at the file's
+    beginning (the whole file when it is small or compressed), else None: a reader that starts
+    mid-file cannot know how many lines precede it without reading them, and
+    `WriteDeadLetters` fills those in for the rows it writes (`AddLineNumbers`).
+
+    Built on Beam's private `textio._TextSource`, as `ReadFromTextWithFilename` is; the offsets
+    and lines are checked against the file in tests/test_dead_letters.py.
+    """
+
+    def read_records(self, file_name, range_tracker):
+        claims = _ClaimRecorder(range_tracker)
+        line = 1 + self._skip_header_lines if not range_tracker.start_position() else None
+        for text in super().read_records(file_name, claims):
+            yield file_name, claims.last, line, text
+            if line is not None:
+                line += 1
+
+    def output_type_hint(self):
+        return Any
+
+
+class _BatchLines(beam.DoFn):
+    """Buffers `(file, offset, line, text)` per file into `RawRows` of CSV_BATCH_LINES lines."""
+
+    def __init__(self):
         self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
 
     def setup(self):
         self._progress = _ReadProgress()
 
     def start_bundle(self):
-        self._buffers: dict[str, list[bytes]] = {}
+        self._buffers: dict[str, list[tuple]] = {}
 
     def process(self, element):
-        source, line = element
-        buffer = self._buffers.setdefault(source, [])
-        buffer.append(line.rstrip(b"\r"))
+        buffer = self._buffers.get(element[0])
+        if buffer is None:
+            buffer = self._buffers[element[0]] = []
+        buffer.append(element)
         if len(buffer) >= CSV_BATCH_LINES:
-            yield from self._flush(source)
+            yield self._flush(element[0])
 
     def finish_bundle(self):
         for source in list(self._buffers):
-            for out in self._flush(source):
-                if isinstance(out, beam.pvalue.TaggedOutput):
-                    yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, -1, [GlobalWindow()]))
-                else:
-                    yield WindowedValue(out, -1, [GlobalWindow()])
+            yield WindowedValue(self._flush(source), -1, [GlobalWindow()])
 
-    def _flush(self, source):
-        lines = self._buffers.pop(source)
-        self.rows_read.inc(len(lines))
-        self._progress.add(len(lines), source)
-        batch, dead = rows.parse_csv_lines(lines, self.config, source)
-        for letter in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, letter)
-        if batch.num_rows:
-            yield source, batch
+    def _flush(self, source) -> rows.RawRows:
+        _, offsets, lines, texts = zip(*self._buffers.pop(source))
+        self.rows_read.inc(len(texts))
+        self._progress.add(len(texts), source)
+        return rows.RawRows(source, list(texts), lines, offsets)
 
 
-class _TagParquetBatches(beam.DoFn):
-    def __init__(self, source: str):
-        self.source = source
+class _ParquetRowGroups(filebasedsource.FileBasedSource):
+    """Parquet files -> `(file, row number of the first row, Table)` per row group.
+
+    Splits like Beam's own Parquet source: a row group belongs to the piece of the file in which
+    its first page starts. The row numbers come from the file's footer.
+    """
+
+    def __init__(self, file_pattern: str, columns: list[str]):
+        super().__init__(file_pattern, compression_type=CompressionTypes.UNCOMPRESSED)
+        self._columns = columns
+
+    def read_records(self, file_name, range_tracker):
+        with self.open_file(file_name) as f:
+            parquet = pq.ParquetFile(f)
+            meta = parquet.metadata
+            first_row = 1
+            start = range_tracker.start_position() or 0
+            for i in range(meta.num_row_groups):
+                group = meta.row_group(i)
+                column = group.column(0)
+                position = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+                if position >= start:
+                    if not range_tracker.try_claim(position):
+                        return
+                    yield file_name, first_row, parquet.read_row_group(i, columns=self._columns)
+                first_row += group.num_rows
+
+    def output_type_hint(self):
+        return Any
+
+
+class _BatchParquetRows(beam.DoFn):
+    """`(file, first row, Table)` -> `RawRows` of at most PARQUET_BATCH_ROWS rows."""
+
+    def __init__(self):
         self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
 
     def setup(self):
         self._progress = _ReadProgress()
 
-    def process(self, batch: pa.RecordBatch):
-        self.rows_read.inc(batch.num_rows)
-        self._progress.add(batch.num_rows, self.source)
-        yield self.source, batch
+    def process(self, element):
+        source, first_row, table = element
+        self.rows_read.inc(table.num_rows)
+        self._progress.add(table.num_rows, source)
+        for batch in table.to_batches(max_chunksize=PARQUET_BATCH_ROWS):
+            if batch.num_rows:
+                yield rows.RawRows(source, batch, range(first_row, first_row + batch.num_rows))
+                first_row += batch.num_rows
 
 
 class ParseAndValidate(beam.PTransform):
-    """`(source, batch)` -> canonical RecordBatches (main) and dead letters (`DEAD`)."""
+    """`RawRows` -> canonical RecordBatches (main output `rows`) and dead letters (`DEAD`).
 
-    def __init__(self, config: Config):
+    Known defects get their reason in `rows.parse_and_validate`. Anything else a batch raises
+    is caught by Beam's exception handling (`with_exception_handling`): the batch is retried one
+    row at a time, and a row that still raises becomes an `unexpected_error` dead letter, so a
+    surprise costs that row, never the job, and is still counted.
+
+        validated = batches.rows | ParseAndValidate(config)
+        validated.rows, validated[DEAD]
+    """
+
+    def __init__(self, config: DatasetConfig):
         super().__init__()
         self.config = config
 
     def expand(self, batches):
-        return batches | "Validate" >> beam.ParDo(_Validate(self.config)).with_outputs(DEAD, main="rows")
+        fn = _ParseAndValidate(self.config)
+        first = batches | "Validate" >> beam.ParDo(fn).with_exception_handling(main_tag="out", dead_letter_tag="failed")
+        retried = (
+            first["failed"]
+            | "OneRowEach" >> beam.FlatMap(lambda failed: failed[0].one_by_one())
+            | "ValidateOneByOne" >> beam.ParDo(fn).with_exception_handling(main_tag="out", dead_letter_tag="failed")
+        )
+        unexpected = retried["failed"] | "UnexpectedErrors" >> beam.FlatMap(_unexpected_error)
+        return (
+            (first["out"], retried["out"], unexpected)
+            | "Merge" >> beam.Flatten()
+            | "Route" >> beam.ParDo(_Route()).with_outputs(DEAD, main="rows")
+        )
 
 
-class _Validate(beam.DoFn):
-    def __init__(self, config: Config):
+class _ParseAndValidate(beam.DoFn):
+    """One `RawRows` -> its canonical batch and its dead letters, on one output (all or nothing)."""
+
+    def __init__(self, config: DatasetConfig):
         self.config = config
+
+    def process(self, raw: rows.RawRows):
+        good, dead = rows.parse_and_validate(raw, self.config)
+        yield from dead
+        if good.num_rows:
+            yield good
+
+
+def _unexpected_error(failed) -> list[rows.DeadLetter]:
+    """Beam's dead-letter element `(input, (type, repr, traceback lines))` -> DeadLetters."""
+    raw, (_, error, trace) = failed
+    frames = [t.strip().splitlines()[0] for t in trace if t.startswith("  File ")]
+    return rows.unexpected_error(raw, f"{error} ({frames[-1]})" if frames else error)
+
+
+class _Route(beam.DoFn):
+    def __init__(self):
         self.rows_valid = Metrics.counter(NAMESPACE, "rows_valid")
 
     def process(self, element):
-        source, batch = element
-        good, dead = rows.validate_batch(batch, self.config, source)
-        for letter in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, letter)
-        if good.num_rows:
-            self.rows_valid.inc(good.num_rows)
-            yield good
+        if isinstance(element, rows.DeadLetter):
+            yield beam.pvalue.TaggedOutput(DEAD, element)
+        else:
+            self.rows_valid.inc(element.num_rows)
+            yield element
 
 
 class SplitTrainEval(beam.PTransform):
@@ -253,7 +371,7 @@ def _encode_examples(element):
 
 class WriteDeadLetters(beam.PTransform):
     """Dead letters (one PCollection or several) -> JSON lines (`reason`, `detail`, `source`,
-    `row`), counted per reason."""
+    `line`, `offset`, `row`), counted per reason (`dead_letter_<reason>` counters)."""
 
     def __init__(self, file_prefix: str):
         super().__init__()
@@ -264,15 +382,109 @@ class WriteDeadLetters(beam.PTransform):
             letters = letters | "Collect" >> beam.Flatten()
         return (
             letters
+            | "AddLineNumbers" >> AddLineNumbers()
             | "CountReasons" >> beam.Map(_count_reason)
-            | "ToJson" >> beam.Map(lambda d: json.dumps(d.to_json_dict(), ensure_ascii=False, sort_keys=True))
+            | "ToJson" >> beam.Map(_to_json)
             | "WriteJsonLines" >> beam.io.WriteToText(self.file_prefix, file_name_suffix=".jsonl")
         )
+
+
+def _to_json(letter: rows.DeadLetter) -> str:
+    # default=str: a Parquet value JSON has no type for (a date, a decimal) is written as text.
+    return json.dumps(letter.to_json_dict(), ensure_ascii=False, sort_keys=True, default=str)
 
 
 def _count_reason(letter: rows.DeadLetter) -> rows.DeadLetter:
     Metrics.counter(NAMESPACE, f"dead_letter_{letter.reason}").inc()
     return letter
+
+
+class AddLineNumbers(beam.PTransform):
+    """Fills in `line` for CSV dead letters that only know their byte `offset`.
+
+    Those are rows read by a worker that started mid-file (`_LinesWithPosition`). Their line is
+    1 + the newlines before the offset: each file is cut into blocks of `block_size` bytes,
+    every block before the last one holding such a row has its newlines counted (in parallel),
+    and each block holding such rows is read once more up to its last one. This reads only
+    files with such rows, at most once more each, and nothing when there are none. A file that
+    cannot be read again (moved, compressed) leaves `line` empty; the offset stays exact.
+    """
+
+    def __init__(self, block_size: int = LINE_INDEX_BLOCK_BYTES):
+        super().__init__()
+        self.block_size = block_size
+
+    def expand(self, letters):
+        size = self.block_size
+        known, unknown = letters | "NeedsLine" >> beam.Partition(
+            lambda d, _: int(d.line is None and d.offset is not None and _seekable(d.source)), 2
+        )
+        by_block = unknown | "ByBlock" >> beam.Map(lambda d: ((d.source, d.offset // size), d))
+        newlines_before = (
+            by_block
+            | "Blocks" >> beam.Keys()
+            | "LastBlockPerFile" >> beam.CombinePerKey(max)
+            | "BlocksBefore" >> beam.FlatMap(lambda fk: [(fk[0], k) for k in range(fk[1])])
+            | "Spread" >> beam.Reshuffle()
+            | "CountNewlines" >> beam.Map(lambda fk: (fk[0], (fk[1], _count_newlines(fk[0], fk[1] * size, size))))
+            | "PerFile" >> beam.GroupByKey()
+            | "PrefixSums" >> beam.MapTuple(lambda source, counts: (source, _prefix_sums(counts)))
+        )
+        found = (
+            by_block
+            | "GroupByBlock" >> beam.GroupByKey()
+            | "Resolve" >> beam.FlatMap(_resolve_lines, size, beam.pvalue.AsDict(newlines_before))
+        )
+        return (known, found) | "All" >> beam.Flatten()
+
+
+def _seekable(source: str) -> bool:
+    return CompressionTypes.detect_compression_type(source) == CompressionTypes.UNCOMPRESSED
+
+
+def _count_newlines(source: str, start: int, length: int) -> int | None:
+    try:
+        with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.seek(start)
+            return f.read(length).count(b"\n")
+    except OSError as e:
+        _LOG.warning("dead letters of %s keep no line number: %s", source, e)
+        return None
+
+
+def _prefix_sums(counts) -> list[int | None]:
+    """[(block, newlines)] -> newlines before each block (None from a block that could not be read on)."""
+    per_block = dict(counts)
+    sums, total = [0], 0
+    for k in range(len(per_block)):
+        n = per_block.get(k)
+        total = None if total is None or n is None else total + n
+        sums.append(total)
+    return sums
+
+
+def _resolve_lines(element, size: int, newlines_before: dict):
+    (source, block), letters = element
+    letters = sorted(letters, key=lambda d: d.offset)
+    sums = newlines_before.get(source, [0])
+    before = sums[block] if block < len(sums) else None
+    start = block * size
+    data = None
+    if before is not None:
+        try:
+            with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                f.seek(start)
+                data = f.read(letters[-1].offset - start)
+        except OSError as e:
+            _LOG.warning("dead letters of %s keep no line number: %s", source, e)
+    if data is None:
+        yield from letters
+        return
+    line, position = 1 + before, 0
+    for letter in letters:
+        line += data.count(b"\n", position, letter.offset - start)
+        position = letter.offset - start
+        yield dataclasses.replace(letter, line=line)
 
 
 class CountIds(beam.PTransform):

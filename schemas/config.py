@@ -40,6 +40,9 @@ AUTO_DIM_MIN = 2
 AUTO_DIM_MAX = 64
 MAX_TABLE_ROWS = 50_000_000
 MAX_BUCKETIZE = 10_000
+# No categorical value or number is this long; a longer one is a broken row (or a runaway field).
+DEFAULT_MAX_FIELD_BYTES = 64 * 1024
+DEFAULT_MAX_BAD_FRACTION = 0.1
 # Feature names become vocabulary file names, Keras layer names and TensorBoard run names.
 FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -64,6 +67,10 @@ class InputConfig:
     delimiter: str = ","
     null_values: tuple[str, ...] = ("", "NA")
     defaults: dict[str, Any] = field(default_factory=dict)
+    # A longer value (in bytes, as read) dead-letters its row as `oversized_field`.
+    max_field_bytes: int = DEFAULT_MAX_FIELD_BYTES
+    # More dead-lettered rows than this share of the rows read fails the run (after the job).
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,16 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class DriftLimits:
+    """`drift:` limits checked against the last published run before a run is published
+    (`trainer.drift`); None = report only."""
+
+    max_new_key_traffic: float | None = None  # share of training rows on keys the last run lacked
+    max_frequency_linf: float | None = None  # largest change of one key's share of its table
+    min_neighbor_overlap: float | None = None  # mean share of top-10 neighbours kept
+
+
+@dataclass(frozen=True)
 class Config(DatasetConfig):
     name: str
     source: str
@@ -179,6 +196,7 @@ class Config(DatasetConfig):
     numeric: tuple[NumericFeature, ...]
     training: TrainingConfig
     description: str = ""
+    drift: DriftLimits = DriftLimits()
 
     @property
     def feature_columns(self) -> list[str]:
@@ -203,6 +221,7 @@ class VocabularySide:
     min_count: int = 1
     oov_buckets: int = 1
     dim: int | str = "auto"
+    init_from: TableInit | None = None  # set by warm start (`embedpipe run --warm-start`)
 
     def embedding_dim(self, rows: int) -> int:
         return auto_embedding_dim(rows) if self.dim == "auto" else int(self.dim)
@@ -248,6 +267,7 @@ class CollaborativeConfig(DatasetConfig):
     training: RetrievalTraining
     eval_k: tuple[int, ...] = (10, 20)
     description: str = ""
+    drift: DriftLimits = DriftLimits()
 
     @property
     def tables(self) -> list[str]:
@@ -334,6 +354,11 @@ class _Parser:
             self.fail(where, f"expected a positive number, got {value!r}")
         return float(value)
 
+    def fraction(self, value, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            self.fail(where, f"expected a number between 0 and 1, got {value!r}")
+        return float(value)
+
     def boolean(self, value, where: str) -> bool:
         if not isinstance(value, bool):
             self.fail(where, f"expected true or false, got {value!r}")
@@ -357,7 +382,7 @@ class _Parser:
         top = self.mapping(
             raw,
             "",
-            ("name", "description", "task", "input", "label", "split", "categorical", "crosses", "numeric", "training"),
+            ("name", "description", "task", "input", "label", "split", "categorical", "crosses", "numeric", "training", "drift"),
             required=("name", "input", "label"),
         )
         self.string(top.get("task", "supervised"), "task", ("supervised", "collaborative"))
@@ -391,13 +416,18 @@ class _Parser:
             numeric=tuple(numeric),
             training=training,
             description=str(top.get("description") or ""),
+            drift=self.drift(top.get("drift")),
         )
+
+    def drift(self, raw) -> DriftLimits:
+        m = self.mapping(raw, "drift", tuple(f.name for f in dataclasses.fields(DriftLimits)))
+        return DriftLimits(**{k: None if v is None else self.fraction(v, f"drift.{k}") for k, v in m.items()})
 
     def collaborative(self, raw: dict) -> CollaborativeConfig:
         top = self.mapping(
             raw,
             "",
-            ("name", "description", "task", "input", "interactions", "item_metadata", "training", "evaluation"),
+            ("name", "description", "task", "input", "interactions", "item_metadata", "training", "evaluation", "drift"),
             required=("name", "input", "interactions"),
         )
         inp = self.input(top["input"])
@@ -460,6 +490,7 @@ class _Parser:
                 seed=self.integer(t.get("seed", d.seed), "training.seed", 0),
             ),
             eval_k=tuple(self.integer(k, f"evaluation.k[{i}]", 1, 10_000) for i, k in enumerate(ks)),
+            drift=self.drift(top.get("drift")),
             description=str(top.get("description") or ""),
         )
 
@@ -490,7 +521,10 @@ class _Parser:
         m = self.mapping(
             raw,
             "input",
-            ("format", "path", "columns", "header", "delimiter", "null_values", "defaults"),
+            (
+                "format", "path", "columns", "header", "delimiter", "null_values", "defaults", "max_field_bytes",
+                "max_bad_fraction",
+            ),
             required=("format", "path", "columns"),
         )
         fmt = self.string(m["format"], "input.format", INPUT_FORMATS)
@@ -522,6 +556,10 @@ class _Parser:
             delimiter=delimiter,
             null_values=tuple(nulls),
             defaults=dict(defaults),
+            max_field_bytes=self.integer(
+                m.get("max_field_bytes", DEFAULT_MAX_FIELD_BYTES), "input.max_field_bytes", 1, 1 << 30
+            ),
+            max_bad_fraction=self.fraction(m.get("max_bad_fraction", DEFAULT_MAX_BAD_FRACTION), "input.max_bad_fraction"),
         )
 
     def column(self, value, where: str, columns: dict, label: LabelConfig | None = None) -> str:

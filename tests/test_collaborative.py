@@ -61,7 +61,7 @@ def watch_run(tmp_path_factory):
     synthetic.write_watch_logs(logs, str(root))
     (root / "tiny_watch.yaml").write_text(CONFIG)
     out = str(root / "out")
-    manifest = cli.run_all(["--config", str(root / "tiny_watch.yaml"), "--output", out])
+    manifest = cli.run_all(["--config", str(root / "tiny_watch.yaml"), "--output", out, "--run-id", "w1"])
     return logs, manifest, out
 
 
@@ -91,7 +91,7 @@ def test_models_beat_popularity_and_neighbours_share_the_planted_group(watch_run
     assert same > 0.6, same  # chance is 1/6 with 6 groups
     metadata = open(os.path.join(manifest["export"]["tables"]["item"], "metadata.tsv")).read().splitlines()
     assert metadata[0] == "key\tfrequency\tlabel" and metadata[1].split("\t")[2].startswith("Group ")
-    assert json.load(open(os.path.join(out, "manifest.json")))["train"]["best_model"] in ("two_tower", "bag_of_history")
+    assert json.load(open(os.path.join(out, "runs", "w1", "manifest.json")))["train"]["best_model"] in ("two_tower", "bag_of_history")
     weights = manifest["train"]["history_weights"]["bag_of_history"]
     assert len(weights) == 3 and weights[0] == 1.0 and all(w > 0 for w in weights)
 
@@ -111,3 +111,14 @@ def test_bag_of_history_pools_by_position_from_the_end():
     expected = (table[[2, 3, 4]].sum(axis=0) + 3 * table[5]) / 6
     np.testing.assert_allclose(model.query(None, history).numpy()[0], expected, rtol=1e-6)
     assert model.history_weights() == [1.0, 0.3333, 0.3333, 0.3333]
+
+
+def test_warm_start_of_a_collaborative_run(watch_run):
+    logs, manifest, out = watch_run
+    config = os.path.join(os.path.dirname(out), "tiny_watch.yaml")
+    warm = cli.run_all(["--config", config, "--output", out, "--run-id", "w2", "--warm-start", "--epochs", "1"])
+    report = warm["train"]["warm_start"]
+    best = manifest["train"]["best_model"]
+    assert report[best]["item"]["source"] == os.path.join(out, "runs", "w1", "export", "item")
+    assert report[best]["item"]["match_rate"] == 1.0
+    assert load_table(warm["export"]["tables"]["item"]).dim == 8

@@ -59,6 +59,8 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
         ("task: regression", "task: binary, positive: 1", "label.positive: column 'y' is numeric"),
         ("hash_buckets: 32", "hash_buckets: 100000000000", "crosses.a_x_b.hash_buckets: expected an integer between"),
         ("a: {type: vocabulary, top_k: 10}", "label: {type: vocabulary, column: a}", "label: a feature cannot be named"),
+        ("name: t", "name: t\ndrift: {min_neighbor_overlap: 2}", "drift.min_neighbor_overlap: expected a number between 0 and 1"),
+        ("name: t", "name: t\ndrift: {max_drift: 0.1}", "drift.max_drift: unknown key"),
     ],
 )
 def test_bad_config_names_the_field(write_config, old, new, field):

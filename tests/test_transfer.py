@@ -143,13 +143,13 @@ def runs(tmp_path_factory):
     on another split that starts from its exported tables."""
     root = tmp_path_factory.mktemp("transfer")
     source_out = str(root / "source")
-    source = cli.run_all(["--config", os.path.join(FIXTURES, "tiny.yaml"), "--output", source_out, "--epochs", "2"])
+    source = cli.run_all(["--config", os.path.join(FIXTURES, "tiny.yaml"), "--output", source_out, "--run-id", "s1", "--epochs", "2"])
     configs = root / "configs"
     configs.mkdir()
     text = SECOND.format(
         csv=os.path.join(FIXTURES, "tiny.csv"),
-        carrier="../source/export/carrier",  # relative to the config file, like input.path
-        day_x_hour="../source/export/day_x_hour",
+        carrier="../source/runs/s1/export/carrier",  # relative to the config file, like input.path
+        day_x_hour="../source/LATEST/export/day_x_hour",  # the run ../source/LATEST points at
     )
     config_path = str(configs / "second.yaml")
     with open(config_path, "w") as f:
@@ -162,7 +162,8 @@ def test_frozen_table_keeps_every_matched_source_vector(runs):
     source_manifest, config_path, manifest = runs
     source = load_table(source_manifest["export"]["tables"]["day_x_hour"])
     table = load_table(manifest["export"]["tables"]["day_x_hour"])
-    assert load_config(config_path).categorical[2].dim == source.dim  # dim: auto followed the source
+    # dim: auto followed the source, found through ../source/LATEST when the tables were sized
+    assert load_config(config_path).categorical[2].dim == "auto" and table.dim == source.dim
     matched = [k for k in table.keys[: table.real_rows] if k in source]
     assert matched and any(table.row(k) != source.row(k) for k in matched)  # not a positional copy
     new_keys = [k for k in table.keys[: table.real_rows] if k not in source]
@@ -175,7 +176,8 @@ def test_frozen_table_keeps_every_matched_source_vector(runs):
     assert not layer.trainable and not layer.trainable_weights
 
     report = manifest["train"]["transfer"]["day_x_hour"]
-    assert report["source"] == source_manifest["export"]["tables"]["day_x_hour"]
+    assert report["source"] == source_manifest["export"]["tables"]["day_x_hour"]  # LATEST resolved
+    assert report["source_configured"].endswith(os.path.join("source", "LATEST", "export", "day_x_hour"))
     assert report["trainable"] is False
     assert report["rows"] == len(table) and report["matched_keys"] == len(matched)
     assert report["matched_rows"] == len(matched) + 1  # one OOV row on each side
@@ -204,7 +206,7 @@ def test_missing_source_table_stops_training_naming_the_field(runs, tmp_path, ca
     broken = os.path.join(os.path.dirname(config_path), "broken.yaml")  # the relative carrier path still holds
     missing = str(tmp_path / "nowhere" / "day_x_hour")
     with open(config_path) as f, open(broken, "w") as g:
-        g.write(f.read().replace("../source/export/day_x_hour", missing))
+        g.write(f.read().replace("../source/LATEST/export/day_x_hour", missing))
     out = os.path.dirname(manifest["train"]["model_dir"])
     assert cli.main(["train", "--config", broken, "--output", out, "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -218,9 +220,10 @@ def test_source_dim_is_checked_again_when_training_starts(runs):
     _, config_path, manifest = runs
     config = load_config(config_path)
     cross = config.categorical[2]
-    other = dataclasses.replace(cross, dim=cross.dim + 1)
+    source_dim = load_table(cross.init_from.path).dim
+    other = dataclasses.replace(cross, dim=source_dim + 1)
     config = dataclasses.replace(config, categorical=config.categorical[:2] + (other,))
-    expected = rf"crosses.day_x_hour.dim: the table has dim {cross.dim + 1} but the init_from table .* has dim {cross.dim}"
+    expected = rf"crosses.day_x_hour.dim: the table has dim {source_dim + 1} but the init_from table .* has dim {source_dim}"
     with pytest.raises(ConfigError, match=expected):
         train.train(config, os.path.dirname(manifest["train"]["model_dir"]), epochs=1)
 

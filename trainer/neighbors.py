@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
+from pipeline.runs import resolve
 from trainer.tables import EmbeddingTable, load_table
 
 _LOG = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ def run_neighbors(argv: list[str] | None = None) -> dict:
         parser.error("give one or more keys, or --all")
     table = load_table(args.table)
     if args.all:
-        return {"all": write_all_neighbors(table, args.k, args.output or os.path.join(args.table, "neighbors.parquet"))}
+        default = os.path.join(resolve(args.table), "neighbors.parquet")
+        return {"all": write_all_neighbors(table, args.k, args.output or default)}
     index = NeighborIndex(table)
     return {"neighbors": {key: index.neighbors(key, args.k) for key in args.keys}}
 
@@ -200,4 +202,5 @@ def run_clusters(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", help="Parquet path (default: TABLE/clusters.parquet)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    return write_clusters(load_table(args.table), args.k, args.output or os.path.join(args.table, "clusters.parquet"), args.seed)
+    default = os.path.join(resolve(args.table), "clusters.parquet")
+    return write_clusters(load_table(args.table), args.k, args.output or default, args.seed)

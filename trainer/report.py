@@ -1,6 +1,6 @@
 """A one-page HTML report of a run: what went in, how training went, what the tables learned.
 
-    embedpipe report embedpipe_output/taxi                 # -> embedpipe_output/taxi/report.html
+    embedpipe report embedpipe_output/taxi                 # the latest run -> <its run dir>/report.html
     embedpipe report embedpipe_output/taxi --out /tmp/taxi.html
 
     from trainer.report import write_report
@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.manifest import read_manifest
+from pipeline.runs import resolve_run
 from schemas.config import auto_embedding_dim
 from trainer.neighbors import NeighborIndex
 from trainer.tables import EmbeddingTable, load_table
@@ -59,6 +60,8 @@ def write_report(output_dir: str, path: str | None = None) -> str:
         raise FileNotFoundError(f"{output_dir}: no manifest.json and no exported tables; run `embedpipe run` first")
     title = manifest.get("preprocess", {}).get("config", {}).get("name") or os.path.basename(output_dir.rstrip("/"))
     sections = [_summary(output_dir, manifest, tables), _training(output_dir, manifest)]
+    if manifest.get("drift", {}).get("tables"):
+        sections.append(_drift(manifest["drift"]))
     for name, table_path in tables.items():
         t0 = time.time()
         table = load_table(table_path)
@@ -184,6 +187,22 @@ def _training(output_dir: str, manifest: dict) -> str:
     figures = "".join(f"<figure><figcaption class=title>{_e(title)}{_legend(series)}</figcaption>"
                       f"{_line_chart(series, x_label)}</figure>" for title, x_label, series in charts)
     return f"<section><h2>Training</h2><div class=charts>{figures}</div></section>"
+
+
+def _drift(drift: dict) -> str:
+    """The manifest's `drift` section (`trainer.drift`): one row per table."""
+    columns = ("keys_added", "keys_removed", "new_key_traffic", "frequency_linf", "neighbor_overlap")
+    head = "<tr><th>table</th>" + "".join(f"<th>{_e(c.replace('_', ' '))}</th>" for c in columns) + "</tr>"
+    body = "".join(
+        f"<tr><th>{_e(name)}</th>" + "".join(f"<td>{_num(values.get(c))}</td>" for c in columns) + "</tr>"
+        for name, values in drift["tables"].items()
+    )
+    return (
+        f"<section><h2>Drift since the last published run</h2><p class=dim>against {_e(drift.get('against', '?'))}: "
+        "new key traffic = share of training rows on keys the last run did not have; frequency L-inf = largest change "
+        "of one key's share; neighbour overlap = mean share of top-10 neighbours kept</p>"
+        f"<table class=metrics>{head}{body}</table></section>"
+    )
 
 
 def _legend(series: dict) -> str:
@@ -463,10 +482,12 @@ def _page(title: str, output_dir: str, tables: list[str], sections: list[str]) -
 
 def run(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="embedpipe report", description=__doc__.split("\n")[0])
-    parser.add_argument("output_dir", help="a run's output directory (holds manifest.json and export/)")
-    parser.add_argument("--out", help=f"where to write the page (default: OUTPUT_DIR/{REPORT})")
+    parser.add_argument(
+        "output_dir", help="a run's directory (holds manifest.json and export/), or an --output root: its latest run"
+    )
+    parser.add_argument("--out", help=f"where to write the page (default: the run directory's {REPORT})")
     args = parser.parse_args(argv)
-    return write_report(args.output_dir, args.out)
+    return write_report(resolve_run(args.output_dir), args.out)
 
 
 if __name__ == "__main__":

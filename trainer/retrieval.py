@@ -41,9 +41,11 @@ import tensorflow_transform as tft
 from pipeline import preprocess as pre
 from pipeline.collaborative import LIST_FEATURES
 from pipeline.manifest import update_manifest
-from pipeline.tables import table_specs
-from schemas.config import CollaborativeConfig
+from pipeline.runs import resolve
+from pipeline.tables import table_keys, table_specs
+from schemas.config import CollaborativeConfig, ConfigError
 from trainer.sparse import SparseAwareOptimizer, SparseEmbedding
+from trainer.tables import load_table
 
 _LOG = logging.getLogger(__name__)
 EVAL_BLOCK_USERS = 1024
@@ -201,12 +203,13 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
     vocab = items.vocabulary_size
     results = {"popularity": evaluate(np.ones((len(eval_data["user"]), 1), np.float32), counts[:vocab, None].astype(np.float32), eval_data["seen"], eval_data["targets"], config.eval_k)}
     _LOG.info("train: %d train examples, %d eval users, %d items; popularity %s", len(train_data["user"]), len(eval_data["user"]), vocab, _fmt(results["popularity"]))
-    losses, history_weights = {}, {}
+    losses, history_weights, warm = {}, {}, {}
     for name in t.models:
         if name == "two_tower":
             model = TwoTower(users.rows, items.rows, users.dim, items.dim)
         else:
             model = BagOfHistory(items.rows, items.dim, config.max_history)
+        warm[name] = _warm_start(model, config, specs, tft_output)
         losses[name] = fit(model, train_data, log_q, batch_size=t.batch_size, epochs=epochs or t.epochs, learning_rate=t.learning_rate, seed=t.seed, name=name)
         query = model.query(eval_data["user"], eval_data["history"]).numpy()
         tables = model.tables()
@@ -230,12 +233,45 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         "headline_metric": {"name": headline, "value": results[best][headline], "model": best},
         "epoch_losses": losses,
         "history_weights": history_weights,
+        **({"warm_start": warm} if any(warm.values()) else {}),
         "tables": {n: {"rows": s.rows, "dim": s.dim} for n, s in specs.items()},
         "model_dir": os.path.join(output_dir, "model"),
         "timings_s": {"train": round(time.time() - started, 2)},
     }
     update_manifest(output_dir, "train", section)
     return section
+
+
+def _warm_start(model, config: CollaborativeConfig, specs: dict, tft_output) -> dict:
+    """Copies the rows of the `init_from` tables (warm start, `trainer.warm`) into `model`'s
+    tables, matched by key; returns {table: match report}."""
+    from trainer.train import match_rows  # trainer.train imports this module
+
+    report = {}
+    for side in (config.item, config.user):
+        layer = model.item_table if side is config.item else getattr(model, "user_table", None)
+        if side.init_from is None or layer is None:
+            continue
+        spec, source = specs[side.name], load_table(side.init_from.path)
+        if source.dim != spec.dim:
+            raise ConfigError(
+                f"{config.source}: interactions.{side.name}.dim: the table has dim {spec.dim} but the warm-start "
+                f"table {side.init_from.path} has dim {source.dim}"
+            )
+        match = match_rows(table_keys(spec, tft_output), spec.oov_rows, source.keys, int(source.manifest.get("oov_rows") or 0))
+        if not layer.built:
+            layer.build((None,))
+        matrix = layer.embeddings.numpy()
+        matrix[match.rows] = source.vectors[match.source_rows]
+        layer.embeddings.assign(matrix)
+        report[side.name] = {
+            "source": resolve(side.init_from.path),
+            "rows": spec.rows,
+            "matched_keys": match.matched_keys,
+            "match_rate": round(len(match.rows) / spec.rows, 4),
+        }
+        _LOG.info("warm start: %s %d of %d rows from %s", side.name, len(match.rows), spec.rows, report[side.name]["source"])
+    return report
 
 
 def _fmt(metrics: dict) -> str:

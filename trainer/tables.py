@@ -120,6 +120,9 @@ class EmbeddingTable:
 
 def load_table(path: str, verify: bool = True) -> EmbeddingTable:
     """Reads `<export>/<table>/` (keys, vectors and frequencies); see the module docstring."""
+    from pipeline.runs import resolve
+
+    path = resolve(path)  # ROOT/LATEST/export/<table> -> the latest published run's table
     manifest_path = os.path.join(path, "manifest.json")
     if not tf.io.gfile.exists(manifest_path):
         raise TableError(f"{manifest_path}: missing; is {path!r} an exported table directory?")

@@ -36,6 +36,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from pipeline import preprocess as pre
+from pipeline import runs
 from pipeline.manifest import read_manifest, update_manifest
 from pipeline.preprocessing import LABEL_KEY, LABEL_VOCABULARY
 from pipeline.tables import TableSpec, table_keys, table_specs
@@ -109,7 +110,8 @@ class Transfer:
         """The manifest entry; `counts` are the table's training occurrences per row id."""
         rows = len(self.match.rows)
         entry = {
-            "source": self.feature.init_from.path,
+            "source": runs.resolve(self.feature.init_from.path),  # the run LATEST named, if it was used
+            "source_configured": self.feature.init_from.path,
             "trainable": self.feature.init_from.trainable,
             "rows": self.spec.rows,
             "matched_rows": rows,
@@ -134,7 +136,7 @@ def prepare_transfers(config: Config, specs: list[TableSpec], tft_output: tft.TF
         if f.init_from is None:
             continue
         where, path = f"{config.source}: {f.config_field}", f.init_from.path
-        if not tf.io.gfile.exists(os.path.join(path, "manifest.json")):
+        if not tf.io.gfile.exists(os.path.join(runs.resolve(path), "manifest.json")):
             raise ConfigError(
                 f"{where}.init_from.path: no exported table at {path} (run `embedpipe export` on the source run first)"
             )

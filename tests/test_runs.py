@@ -1,0 +1,132 @@
+"""Versioned runs: LATEST only ever names a complete run, whatever happens to the next one."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import cli, runs
+from pipeline.manifest import update_manifest
+from pipeline.tables import TableSpec
+from trainer.export import write_table
+from trainer.tables import load_table
+
+TINY = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+
+
+def _fake_run(root, run_id, digest="abc"):
+    """A finished run directory with one exported table, as the stages would leave it."""
+    path = runs.run_dir(str(root), run_id)
+    spec = TableSpec("t", "vocabulary", ("c",), 3, 2, 2, 1)
+    table = write_table(os.path.join(path, "export", "t"), spec, ["a", "b", "<OOV 0>"], np.eye(3, 2, dtype=np.float32), np.ones(3, np.int64), {})
+    update_manifest(path, "preprocess", {"config": {"sha256": digest}})
+    update_manifest(path, "train", {})
+    update_manifest(path, "export", {"tables": {"t": table}})
+    return path
+
+
+def test_publish_points_latest_at_a_verified_run_and_resolves_latest_paths(tmp_path):
+    assert runs.latest(str(tmp_path)) is None
+    first = _fake_run(tmp_path, "d1")
+    pointer = runs.publish(str(tmp_path), "d1")
+    assert pointer["run_dir"] == "runs/d1" and runs.latest(str(tmp_path)) == first and runs.is_complete(first)
+    second = _fake_run(tmp_path, "d2")
+    runs.publish(str(tmp_path), "d2")
+    assert runs.latest(str(tmp_path)) == second
+    assert runs.resolve(os.path.join(str(tmp_path), "LATEST", "export", "t")) == os.path.join(second, "export", "t")
+    assert load_table(os.path.join(str(tmp_path), "LATEST", "export", "t")).keys == ["a", "b", "<OOV 0>"]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # the pointer was renamed into place
+
+
+def test_an_incomplete_or_damaged_run_is_never_published(tmp_path):
+    good = _fake_run(tmp_path, "good")
+    runs.publish(str(tmp_path), "good")
+    half = runs.run_dir(str(tmp_path), "half")
+    update_manifest(half, "preprocess", {"config": {"sha256": "abc"}})  # crashed during training
+    with pytest.raises(runs.RunError, match="not a finished run .*lacks train, export"):
+        runs.publish(str(tmp_path), "half")
+    damaged = _fake_run(tmp_path, "damaged")
+    with open(os.path.join(damaged, "export", "t", "vectors.npy"), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(runs.RunError, match="exported table t does not verify: .*checksum"):
+        runs.publish(str(tmp_path), "damaged")
+    with pytest.raises(runs.RunError, match="no such run"):
+        runs.publish(str(tmp_path), "never")
+    assert runs.latest(str(tmp_path)) == good
+
+
+def test_prepare_restarts_an_unfinished_run_and_keeps_a_finished_one(tmp_path):
+    done = _fake_run(tmp_path, "done", digest="abc")
+    runs.publish(str(tmp_path), "done")
+    assert runs.prepare(str(tmp_path), "done", "abc") is True
+    with pytest.raises(runs.RunError, match="another config"):
+        runs.prepare(str(tmp_path), "done", "other")
+    leftover = _fake_run(tmp_path, "crashed")  # everything written, never published
+    assert runs.prepare(str(tmp_path), "crashed", "abc") is False and not os.path.exists(leftover)
+    assert os.path.exists(done)
+    for bad in ("", "../x", "a/b", ".hidden", "x" * 129):
+        with pytest.raises(runs.RunError, match="--run-id"):
+            runs.check_run_id(bad)
+    assert re.fullmatch(r"\d{8}T\d{6}Z", runs.default_run_id())
+
+
+def test_stage_commands_never_rewrite_a_complete_run(tmp_path, capsys):
+    _fake_run(tmp_path, "done")
+    runs.publish(str(tmp_path), "done")
+    for stage in ("preprocess", "train", "export"):
+        assert cli.main([stage, "--config", TINY, "--output", str(tmp_path), "--run-id", "done"]) == 2
+        assert "is a complete run; stages never rewrite one" in capsys.readouterr().err
+
+
+# Where the crash test kills `embedpipe run`: (a line of its output, seconds after it).
+KILL_POINTS = [
+    ("embedpipe: run: config", 0.0),
+    ("pipeline.preprocess: preprocess: /", 0.5),
+    ("pipeline.preprocess: preprocess: /", 3.0),
+    ("rows read", 0.0),
+    ("train: embedding model", 0.0),
+    ("Epoch 1/", 0.0),
+    ("Epoch 2/", 0.0),
+    ("train: eval", 0.0),
+    ("export: carrier", 0.0),
+    ("export: distance_bucket", 0.0),
+]
+
+
+@pytest.mark.slow
+def test_a_run_killed_anywhere_leaves_latest_on_a_complete_run(tmp_path):
+    root = str(tmp_path / "root")
+    assert cli.run_all(["--config", TINY, "--output", root, "--run-id", "r0", "--epochs", "2"])
+    published = "r0"
+    for i, (pattern, delay) in enumerate(KILL_POINTS):
+        run_id = f"k{i}"
+        command = [sys.executable, "-m", "pipeline.cli", "run", "--config", TINY, "--output", root, "--run-id", run_id, "--epochs", "2"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is written
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
+        )
+        seen = []
+        for line in process.stdout:
+            seen.append(line)
+            if pattern in line:
+                time.sleep(delay)
+                break
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, f"kill point {i} ({pattern!r}) never came:\n{''.join(seen[-20:])}"
+        # the reader's view: still the previous complete run, and all of it verifies
+        assert runs.latest(root) == runs.run_dir(root, published), f"kill point {i}"
+        runs.verify(runs.latest(root))
+        assert not runs.is_complete(runs.run_dir(root, run_id))
+        # ... and the same run again succeeds
+        manifest = cli.run_all(["--config", TINY, "--output", root, "--run-id", run_id, "--epochs", "2"])
+        assert runs.latest(root) == runs.run_dir(root, run_id) and manifest["export"]["tables"]
+        published = run_id
+    pointer = json.load(open(os.path.join(root, runs.LATEST)))
+    assert pointer["run_id"] == f"k{len(KILL_POINTS) - 1}"

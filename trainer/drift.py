@@ -1,0 +1,119 @@
+"""Drift between a new run's tables and the last published run's, before the new one is published.
+
+Per table present in both runs (`compare_tables`):
+
+* vocabulary drift: keys added and removed (real rows; OOV/hash/bucket rows are not keys), the
+  share of the new run's training occurrences that fall on keys the old run did not have
+  (`new_key_traffic`), and the L-infinity distance between the two frequency distributions
+  (`frequency_linf`: the largest change of any key's share of its table's occurrences, OOV rows
+  included, compared by row key);
+* embedding stability: for up to `NEIGHBOR_SAMPLE` keys present in both (the most frequent), the
+  mean share of a key's top-`NEIGHBOR_K` cosine neighbours in the old table that are still among
+  its top-`NEIGHBOR_K` in the new one (`neighbor_overlap`; 1 = the same neighbourhoods).
+
+`check_thresholds` turns the config's `drift:` limits into one clear error per breach; the run
+then stops before publishing, so `LATEST` stays on the previous run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from trainer.tables import EmbeddingTable
+
+_LOG = logging.getLogger(__name__)
+NEIGHBOR_K = 10
+NEIGHBOR_SAMPLE = 1000
+BLOCK_ROWS = 128
+
+
+def compare_runs(run_dir: str, previous_dir: str) -> dict:
+    """The `drift` manifest section: every table both runs exported, compared."""
+    from pipeline.manifest import read_manifest
+    from trainer.tables import load_table
+
+    new, old = (read_manifest(d).get("export", {}).get("tables", {}) for d in (run_dir, previous_dir))
+    tables = {}
+    for name in sorted(set(new) & set(old)):
+        tables[name] = compare_tables(load_table(new[name]), load_table(old[name]))
+        _LOG.info(
+            "drift %s: +%d/-%d keys, %.1f%% of rows on new keys, L-inf %.4f, neighbour overlap %s",
+            name, tables[name]["keys_added"], tables[name]["keys_removed"], 100 * tables[name]["new_key_traffic"],
+            tables[name]["frequency_linf"], tables[name]["neighbor_overlap"],
+        )
+    return {"against": previous_dir, "tables": tables, "not_compared": sorted(set(new) ^ set(old))}
+
+
+def compare_tables(new: EmbeddingTable, old: EmbeddingTable) -> dict:
+    """Drift of one table (see the module docstring)."""
+    new_keys, old_keys = set(new.keys[: new.real_rows]), set(old.keys[: old.real_rows])
+    added, removed = new_keys - old_keys, old_keys - new_keys
+    total_new = max(int(new.frequencies.sum()), 1)
+    total_old = max(int(old.frequencies.sum()), 1)
+    new_share = {k: f / total_new for k, f in zip(new.keys, new.frequencies.tolist())}
+    old_share = {k: f / total_old for k, f in zip(old.keys, old.frequencies.tolist())}
+    linf = max((abs(new_share.get(k, 0.0) - old_share.get(k, 0.0)) for k in set(new_share) | set(old_share)), default=0.0)
+    new_traffic = sum(new_share[k] for k in added)
+    common = [k for k in new.keys[: new.real_rows] if k in old_keys]  # new table's row order: most frequent first
+    common.sort(key=lambda k: -new.frequencies[new.row(k)])
+    overlap = _neighbor_overlap(new, old, common[:NEIGHBOR_SAMPLE])
+    return {
+        "keys": len(new_keys),
+        "previous_keys": len(old_keys),
+        "keys_added": len(added),
+        "keys_removed": len(removed),
+        "new_key_traffic": round(new_traffic, 6),
+        "frequency_linf": round(linf, 6),
+        "neighbor_overlap": None if overlap is None else round(overlap, 4),
+        "neighbor_keys_compared": min(len(common), NEIGHBOR_SAMPLE) if overlap is not None else 0,
+        "examples_added": sorted(added, key=lambda k: -new.frequencies[new.row(k)])[:5],
+        "examples_removed": sorted(removed, key=lambda k: -old.frequencies[old.row(k)])[:5],
+    }
+
+
+def _neighbor_overlap(new: EmbeddingTable, old: EmbeddingTable, keys: list[str]) -> float | None:
+    k = min(NEIGHBOR_K, new.real_rows - 1, old.real_rows - 1)
+    if not keys or k < 1:
+        return None
+    top_new = _top_k(new, [new.row(key) for key in keys], k)
+    top_old = _top_k(old, [old.row(key) for key in keys], k)
+    shares = [len(set(a) & set(b)) / k for a, b in zip(top_new, top_old)]
+    return float(np.mean(shares))
+
+
+def _top_k(table: EmbeddingTable, rows: list[int], k: int) -> list[list[str]]:
+    """The keys of the k nearest real rows (cosine) of each of `rows`, itself excluded."""
+    vectors = table.vectors[: table.real_rows].astype(np.float32)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    out = []
+    for start in range(0, len(rows), BLOCK_ROWS):
+        block = np.asarray(rows[start : start + BLOCK_ROWS])
+        scores = unit[block] @ unit.T
+        scores[np.arange(len(block)), block] = -np.inf
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        out.extend([[table.keys[i] for i in row] for row in top])
+    return out
+
+
+def check_thresholds(drift: dict, limits, source: str) -> None:
+    """Raises `RunError` naming the config field of the first exceeded `drift:` limit."""
+    from pipeline.runs import RunError
+
+    checks = (
+        ("max_new_key_traffic", "new_key_traffic", lambda v, lim: v > lim, "of the training rows are on keys the last run did not have"),
+        ("max_frequency_linf", "frequency_linf", lambda v, lim: v > lim, "is the largest change of a key's share"),
+        ("min_neighbor_overlap", "neighbor_overlap", lambda v, lim: v < lim, "of the top-10 neighbours are unchanged"),
+    )
+    for field, metric, breached, meaning in checks:
+        limit = getattr(limits, field)
+        if limit is None:
+            continue
+        for table, values in drift["tables"].items():
+            value = values.get(metric)
+            if value is not None and breached(value, limit):
+                raise RunError(
+                    f"{source}: drift.{field}: table {table}: {value:.4g} {meaning} (limit {limit:g}); "
+                    f"compared with {drift['against']}; not published"
+                )
