@@ -182,8 +182,8 @@ def test_frozen_table_keeps_every_matched_source_vector(runs):
     assert report["rows"] == len(table) and report["matched_keys"] == len(matched)
     assert report["matched_rows"] == len(matched) + 1  # one OOV row on each side
     assert report["match_rate"] == round(report["matched_rows"] / len(table), 4)
-    # occurrences: the training rows whose cell is a matched row, from the table's frequencies
-    hits = sum(table.frequencies[table.row(k)] for k in matched + ["<OOV 0>"])
+    # occurrences: the training rows whose key was matched (OOV rows excluded), from the frequencies
+    hits = sum(table.frequencies[table.row(k)] for k in matched)
     assert report["occurrence_match_rate"] == round(hits / table.frequencies.sum(), 4)
 
 

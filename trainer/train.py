@@ -122,7 +122,8 @@ class Transfer:
         }
         total = sum(counts.values()) if counts else 0
         if total:
-            hits = sum(counts.get(str(r), 0) for r in self.match.rows.tolist())
+            # rows matched by key only: a copied OOV row says nothing about the keys that land on it
+            hits = sum(counts.get(str(r), 0) for r in self.match.rows[: self.match.matched_keys].tolist())
             entry["occurrence_match_rate"] = round(hits / total, 4)
         return entry
 
