@@ -142,7 +142,12 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
     tft_output = tft.TFTransformOutput(transform_dir(output_dir))
     specs = table_specs(config, tft_output)
     section = {
-        "config": {"name": config.name, "path": config.source, "sha256": config.digest()},
+        "config": {
+            "name": config.name,
+            "path": config.source,
+            "sha256": config.digest(),
+            "drift_limits": dataclasses.asdict(config.drift),  # what `embedpipe publish` checks
+        },
         "inputs": {"path": config.input.path, "format": config.input.format, "files": [m.path for m in matches]},
         "rows": {
             "read": counts.get("rows_read", 0),

@@ -26,9 +26,9 @@ with `trainable: true`, see docs/transfer.md): a key seen yesterday starts where
 neighbours and downstream lookups stay stable from day to day, while new keys start fresh. The
 tables keep yesterday's dim (`dim: auto` follows the source). The match rate per table is in the
 manifest (`train.transfer`, or `train.warm_start` for collaborative runs). Without a published
-run (the first day) the run starts from scratch. Sources are named `ROOT/LATEST/export/<table>`
-and resolved when training starts: a run restarted after a crash warm-starts from the same
-published run, since `LATEST` only moves when a run completes.
+run (the first day) the run starts from scratch. The source run is what `LATEST` names when
+the run starts, resolved once (`warm_start`); a table whose config no longer fits
+yesterday's starts fresh, with a warning.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import re
 import uuid
@@ -45,6 +46,7 @@ import tensorflow as tf
 from pipeline.manifest import read_manifest, update_manifest
 from schemas.config import CollaborativeConfig, Config, TableInit
 
+_LOG = logging.getLogger(__name__)
 LATEST = "LATEST"
 COMPLETE = "_COMPLETE"
 RUNS = "runs"
@@ -100,9 +102,9 @@ def verify(path: str) -> dict:
     missing = [s for s in STAGES if s not in manifest]
     if missing:
         raise RunError(f"{path}: not a finished run (manifest lacks {', '.join(missing)})")
-    for name, table_path in manifest["export"]["tables"].items():
+    for name in manifest["export"]["tables"]:
         try:
-            load_table(table_path)
+            load_table(os.path.join(path, "export", name))  # not the recorded path: runs can move
         except TableError as e:
             raise RunError(f"{path}: exported table {name} does not verify: {e}") from None
     return manifest
@@ -112,8 +114,9 @@ def publish(
     root: str, run_id: str, config_digest: str | None = None, drift_limits=None, config_source: str = ""
 ) -> dict:
     """Verifies `runs/<run_id>/`, compares it with the published run (`trainer.drift`, the
-    manifest's `drift` section; `drift_limits` are a config's `DriftLimits`, a breach raises
-    RunError), marks it complete and points `LATEST` at it; returns the pointer.
+    manifest's `drift` section; `drift_limits`, default the ones the preprocess stage recorded
+    from the config, raise RunError when breached), marks it complete and points `LATEST` at
+    it; returns the pointer.
 
     `config_digest` (default: the manifest's) is what a re-run of the ID must match.
     """
@@ -122,14 +125,23 @@ def publish(
         raise RunError(f"{path}: no such run to publish")
     manifest = verify(path)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    previous = latest(root)
+    try:
+        previous = latest(root)
+    except RunError as e:  # a damaged pointer must not block the run that replaces it
+        _LOG.warning("publish: %s; publishing without a drift comparison", e)
+        previous = None
     if not is_complete(path) and previous is not None and previous != path:
+        from schemas.config import DriftLimits
         from trainer import drift
 
         section = drift.compare_runs(path, previous)
         update_manifest(path, "drift", section)
+        if drift_limits is None:  # the limits of the config the run was made with
+            recorded = manifest["preprocess"].get("config", {}).get("drift_limits")
+            drift_limits = DriftLimits(**recorded) if recorded else None
         if drift_limits is not None:
-            drift.check_thresholds(section, drift_limits, config_source or path)
+            source = config_source or manifest["preprocess"].get("config", {}).get("path") or path
+            drift.check_thresholds(section, drift_limits, source)
     if not is_complete(path):
         digest = config_digest or manifest["preprocess"].get("config", {}).get("sha256", "")
         _write_atomically(os.path.join(path, COMPLETE), {"run_id": run_id, "completed_at": now, "config_sha256": digest})
@@ -187,27 +199,38 @@ def _write_atomically(path: str, data: dict) -> None:
 
 
 def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | CollaborativeConfig:
-    """`config` with `init_from` set on each table the latest run under `root` exported."""
+    """`config` with `init_from` set on each table the latest run under `root` exported.
+
+    The source is the run LATEST names now (resolved once, so the stages of one run agree). A
+    table whose config no longer fits yesterday's (an explicit dim that differs, a hash table
+    whose bucket count or type changed) starts fresh, with a warning, rather than failing every
+    run from now on."""
     previous = latest(root)
     if previous is None:
         return config
 
-    def source(name: str) -> TableInit | None:
-        exported = os.path.join(previous, "export", name, "manifest.json")
-        if not tf.io.gfile.exists(exported):
+    def source(name: str, dim, hash_rows: int | None) -> TableInit | None:
+        path = os.path.join(previous, "export", name)
+        if not tf.io.gfile.exists(os.path.join(path, "manifest.json")):
             return None
-        return TableInit(path=os.path.join(root, LATEST, "export", name), trainable=True)
+        with tf.io.gfile.GFile(os.path.join(path, "manifest.json")) as f:
+            old = json.load(f)
+        kind_changed = (hash_rows is not None) != (old.get("kind") == "hash")
+        if (dim != "auto" and int(dim) != old["dim"]) or kind_changed or (hash_rows is not None and hash_rows != old["rows"]):
+            _LOG.warning("warm start: %s no longer fits %s (dim, type or buckets changed); it starts fresh", name, path)
+            return None
+        return TableInit(path=path, trainable=True)
 
     if isinstance(config, CollaborativeConfig):
         sides = {}
         for field in ("user", "item"):
             side = getattr(config, field)
-            init = source(side.name)
-            if init is not None and side.init_from is None:
+            init = source(side.name, side.dim, None) if side.init_from is None else None
+            if init is not None:
                 sides[field] = dataclasses.replace(side, init_from=init)
         return dataclasses.replace(config, **sides)
-    features = tuple(
-        dataclasses.replace(f, init_from=source(f.name)) if f.init_from is None and source(f.name) else f
-        for f in config.categorical
-    )
-    return dataclasses.replace(config, categorical=features)
+    features = []
+    for f in config.categorical:
+        init = source(f.name, f.dim, f.hash_buckets if f.type == "hash" else None) if f.init_from is None else None
+        features.append(dataclasses.replace(f, init_from=init) if init else f)
+    return dataclasses.replace(config, categorical=tuple(features))

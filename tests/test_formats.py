@@ -184,3 +184,13 @@ def test_parquet_reads_the_same_in_pyarrow_pandas_and_duckdb(tables):
     np.testing.assert_array_equal(np.array([r[1] for r in rows], np.float32), vectors)
     duck_type = duckdb.sql(f"SELECT typeof(vector) FROM read_parquet('{file}') LIMIT 1").fetchall()[0][0]
     assert duck_type == "FLOAT[]"
+
+
+def test_saved_model_of_a_table_without_oov_rows(tmp_path):
+    path, vectors = _write(tmp_path, "closed", "vocabulary", ["a", "b", "c"], 3, 0)
+    loaded = tf.saved_model.load(os.path.join(path, "saved_model"))
+    got = loaded.signatures["lookup"](keys=tf.constant(["b", "unknown"]))["vectors"].numpy()
+    np.testing.assert_array_equal(got, [vectors[1], np.zeros(4, np.float32)])
+    result = loaded.signatures["neighbors"](keys=tf.constant(["a", "unknown"]), k=tf.constant(2))
+    assert [k.decode() for k in result["keys"].numpy()[0]] == [k for k, _, _ in NeighborIndex(load_table(path)).neighbors("a", 2)]
+    assert np.isneginf(result["scores"].numpy()[1]).all()  # an unknown key has no neighbours

@@ -130,3 +130,25 @@ def test_a_run_killed_anywhere_leaves_latest_on_a_complete_run(tmp_path):
         published = run_id
     pointer = json.load(open(os.path.join(root, runs.LATEST)))
     assert pointer["run_id"] == f"k{len(KILL_POINTS) - 1}"
+
+
+def test_warm_start_skips_a_table_whose_config_changed(tmp_path):
+    import dataclasses
+
+    from schemas.config import load_config
+
+    path = runs.run_dir(str(tmp_path), "yesterday")
+    spec = TableSpec("carrier", "vocabulary", ("carrier",), 3, 2, 2, 1)
+    write_table(os.path.join(path, "export", "carrier"), spec, ["AA", "UA", "<OOV 0>"], np.ones((3, 2), np.float32), np.ones(3, np.int64), {})
+    update_manifest(path, "preprocess", {"config": {"sha256": "abc"}})
+    update_manifest(path, "train", {})
+    update_manifest(path, "export", {"tables": {"carrier": os.path.join(path, "export", "carrier")}})
+    runs.publish(str(tmp_path), "yesterday")
+    config = load_config(TINY)
+    warm = {f.name: f.init_from for f in runs.warm_start(config, str(tmp_path)).categorical}
+    assert warm["carrier"].path == os.path.join(path, "export", "carrier") and warm["carrier"].trainable
+    assert warm["hour"] is None  # yesterday exported no hour table
+    carrier = next(f for f in config.categorical if f.name == "carrier")
+    changed = dataclasses.replace(config, categorical=tuple(
+        dataclasses.replace(f, dim=5) if f is carrier else f for f in config.categorical))
+    assert all(f.init_from is None for f in runs.warm_start(changed, str(tmp_path)).categorical)  # dim 5 != 2: fresh

@@ -6,7 +6,8 @@ Per table present in both runs (`compare_tables`):
   share of the new run's training occurrences that fall on keys the old run did not have
   (`new_key_traffic`), and the L-infinity distance between the two frequency distributions
   (`frequency_linf`: the largest change of any key's share of its table's occurrences, OOV rows
-  included, compared by row key);
+  included, compared by row key); for hash and bucket tables only `frequency_linf` and the
+  neighbour overlap (their row keys name buckets, not values);
 * embedding stability: for up to `NEIGHBOR_SAMPLE` keys present in both (the most frequent), the
   mean share of a key's top-`NEIGHBOR_K` cosine neighbours in the old table that are still among
   its top-`NEIGHBOR_K` in the new one (`neighbor_overlap`; 1 = the same neighbourhoods).
@@ -18,6 +19,7 @@ then stops before publishing, so `LATEST` stays on the previous run.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
@@ -37,11 +39,12 @@ def compare_runs(run_dir: str, previous_dir: str) -> dict:
     new, old = (read_manifest(d).get("export", {}).get("tables", {}) for d in (run_dir, previous_dir))
     tables = {}
     for name in sorted(set(new) & set(old)):
-        tables[name] = compare_tables(load_table(new[name]), load_table(old[name]))
+        pair = [load_table(os.path.join(d, "export", name), verify=False) for d in (run_dir, previous_dir)]
+        tables[name] = compare_tables(*pair)  # both verified: this run by `publish`, the last when it was
+        t = tables[name]
         _LOG.info(
-            "drift %s: +%d/-%d keys, %.1f%% of rows on new keys, L-inf %.4f, neighbour overlap %s",
-            name, tables[name]["keys_added"], tables[name]["keys_removed"], 100 * tables[name]["new_key_traffic"],
-            tables[name]["frequency_linf"], tables[name]["neighbor_overlap"],
+            "drift %s: keys +%s/-%s, share of rows on new keys %s, L-inf %.4f, neighbour overlap %s",
+            name, t["keys_added"], t["keys_removed"], t["new_key_traffic"], t["frequency_linf"], t["neighbor_overlap"],
         )
     return {"against": previous_dir, "tables": tables, "not_compared": sorted(set(new) ^ set(old))}
 
@@ -56,20 +59,22 @@ def compare_tables(new: EmbeddingTable, old: EmbeddingTable) -> dict:
     old_share = {k: f / total_old for k, f in zip(old.keys, old.frequencies.tolist())}
     linf = max((abs(new_share.get(k, 0.0) - old_share.get(k, 0.0)) for k in set(new_share) | set(old_share)), default=0.0)
     new_traffic = sum(new_share[k] for k in added)
+    if new.manifest.get("kind") in ("hash", "bucket"):  # `<hash 3>` names a bucket, not a value
+        added, removed, new_traffic = None, None, None
     common = [k for k in new.keys[: new.real_rows] if k in old_keys]  # new table's row order: most frequent first
     common.sort(key=lambda k: -new.frequencies[new.row(k)])
     overlap = _neighbor_overlap(new, old, common[:NEIGHBOR_SAMPLE])
     return {
         "keys": len(new_keys),
         "previous_keys": len(old_keys),
-        "keys_added": len(added),
-        "keys_removed": len(removed),
-        "new_key_traffic": round(new_traffic, 6),
+        "keys_added": None if added is None else len(added),
+        "keys_removed": None if removed is None else len(removed),
+        "new_key_traffic": None if new_traffic is None else round(new_traffic, 6),
         "frequency_linf": round(linf, 6),
         "neighbor_overlap": None if overlap is None else round(overlap, 4),
         "neighbor_keys_compared": min(len(common), NEIGHBOR_SAMPLE) if overlap is not None else 0,
-        "examples_added": sorted(added, key=lambda k: -new.frequencies[new.row(k)])[:5],
-        "examples_removed": sorted(removed, key=lambda k: -old.frequencies[old.row(k)])[:5],
+        "examples_added": sorted(added or (), key=lambda k: -new.frequencies[new.row(k)])[:5],
+        "examples_removed": sorted(removed or (), key=lambda k: -old.frequencies[old.row(k)])[:5],
     }
 
 

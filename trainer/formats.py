@@ -134,7 +134,8 @@ class TableModule(tf.Module):
         query = tf.math.l2_normalize(tf.gather(self.vectors, tf.maximum(rows, 0)), axis=1)
         scores = tf.matmul(query, self.unit, transpose_b=True)
         itself = tf.equal(rows[:, None], tf.range(self.real_rows, dtype=tf.int64)[None, :])
-        scores = tf.where(itself, tf.constant(-np.inf, scores.dtype), scores)
+        # a key with no row (no OOV rows to fall back on) has no neighbours: every score -inf
+        scores = tf.where(itself | (rows[:, None] < 0), tf.constant(-np.inf, scores.dtype), scores)
         top = tf.math.top_k(scores, k=tf.minimum(k, self.real_rows - 1))
         return {"keys": tf.gather(self.keys, top.indices), "scores": top.values}
 

@@ -3,7 +3,7 @@
     import keras
     from trainer.layers import embedding_layer
 
-    dow_x_hour = embedding_layer("embedpipe_output/flights/export/dow_x_hour")   # frozen
+    dow_x_hour = embedding_layer("embedpipe_output/flights/LATEST/export/dow_x_hour")   # frozen
     keys = keras.Input(shape=(), dtype="string")
     x = dow_x_hour(keys)                                   # [batch, dim]
     model = keras.Model(keys, keras.layers.Dense(1)(x))

@@ -168,7 +168,7 @@ def write_clusters(table: EmbeddingTable, k: int, path: str, seed: int = 0) -> d
 def run_neighbors(argv: list[str] | None = None) -> dict:
     """`embedpipe neighbors`: {"all": write_all_neighbors result} or {"neighbors": {key: rows}}."""
     parser = argparse.ArgumentParser(prog="embedpipe neighbors", description="Nearest neighbours in an exported table (cosine).")
-    parser.add_argument("table", help="an exported table directory, e.g. embedpipe_output/movielens/export/item")
+    parser.add_argument("table", help="an exported table directory, e.g. embedpipe_output/movielens/LATEST/export/item")
     parser.add_argument("keys", nargs="*", help="keys or labels (e.g. titles) to look up")
     parser.add_argument("-k", type=int, default=10, help="neighbours per key (default 10)")
     parser.add_argument("--all", action="store_true", help="write the neighbours of every row to --output")

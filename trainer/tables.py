@@ -2,7 +2,7 @@
 
     from trainer.tables import load_table
 
-    table = load_table("embedpipe_output/taxi/export/dow_x_hour")
+    table = load_table("embedpipe_output/taxi/LATEST/export/dow_x_hour")   # or runs/<id>/export/...
     table.vector("Tue x 2")          # np.ndarray [dim], float32
     table["Tue x 2"]                 # the same
     table.keys, table.vectors        # every key in row order, the [rows, dim] matrix
