@@ -140,9 +140,12 @@ def run_all(argv: list[str] | None = None) -> dict:
     log = logging.getLogger("embedpipe")
     digest = config.digest()  # of the config as asked for: what makes a re-run "the same run"
     if runs.prepare(root, args.run_id, digest):
-        pointer = runs.publish(root, args.run_id, digest)
-        print(f"embedpipe run: {output_dir} is already complete with this config; published it again")
-        print(f"  latest:    {os.path.join(root, runs.LATEST)} -> {pointer['run_dir']}")
+        current = runs.latest(root)
+        if current in (None, output_dir):
+            runs.publish(root, args.run_id, digest)
+            print(f"embedpipe run: {output_dir} is already complete with this config; published it again")
+        else:  # an older run: re-running it must not move LATEST back
+            print(f"embedpipe run: {output_dir} is already complete with this config; LATEST stays on {current}")
         return read_manifest(output_dir)
     if warm:
         config = runs.warm_start(config, root)
@@ -169,11 +172,16 @@ def publish(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="embedpipe publish", description=COMMANDS["publish"])
     parser.add_argument("--output", required=True, help="the root that holds runs/<id>/ and LATEST")
     parser.add_argument("--run-id", required=True)
-    parser.add_argument("--config", help="the run's config: its drift: limits are checked (default: drift reported only)")
+    parser.add_argument("--config", help="check this config's drift: limits (default: those the run recorded)")
+    parser.add_argument("--force", action="store_true", help="allow pointing LATEST back at an older complete run")
     args = parser.parse_args(argv)
     if args.config:
         config = load_config(args.config)
-        pointer = runs.publish(args.output, args.run_id, drift_limits=config.drift, config_source=config.source)
+        pointer = runs.publish(
+            args.output, args.run_id, drift_limits=config.drift, config_source=config.source, force=args.force
+        )
+    elif args.force:
+        pointer = runs.publish(args.output, args.run_id, force=True)
     else:
         pointer = runs.publish(args.output, args.run_id)
     print(f"published {os.path.join(args.output, runs.LATEST)} -> {pointer['run_dir']}")

@@ -35,14 +35,25 @@ def read_manifest(output_dir: str) -> dict:
         return json.load(f)
 
 
+def drop_sections(output_dir: str, sections) -> None:
+    """Removes `sections` from the manifest (if there is one)."""
+    manifest = read_manifest(output_dir)
+    if any(s in manifest for s in sections):
+        _write(output_dir, {k: v for k, v in manifest.items() if k not in sections})
+
+
 def update_manifest(output_dir: str, section: str, data: dict) -> dict:
     """Replaces `section` of the manifest with `data` and writes it back; returns the manifest."""
     manifest = read_manifest(output_dir)
     manifest[section] = data
     manifest["package_versions"] = package_versions()
+    _write(output_dir, manifest)
+    return manifest
+
+
+def _write(output_dir: str, manifest: dict) -> None:
     tf.io.gfile.makedirs(output_dir)
     path = os.path.join(output_dir, MANIFEST)
     with tf.io.gfile.GFile(path + ".tmp", "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-    return manifest

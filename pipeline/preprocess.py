@@ -34,7 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from tfx_bsl.public import tfxio
 
 from pipeline import collaborative, rows, runs, transforms
-from pipeline.manifest import update_manifest
+from pipeline.manifest import drop_sections, update_manifest
 from pipeline.preprocessing import make_preprocessing_fn
 from pipeline.tables import table_specs
 from pipeline.transforms import (
@@ -123,8 +123,12 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
         with FileSystems.open(match.path) as f:
             rows.check_input_file(f, config, match.path)  # the CSV header, the Parquet columns
     out = preprocess_dir(output_dir)
-    if FileSystems.exists(out):
-        FileSystems.delete([out])  # stale shards of an earlier run must not be read as this run's
+    # An earlier attempt's outputs must not pass for this one's: its shards, and the model, tables
+    # and manifest sections made from them.
+    stale = [d for d in (out, os.path.join(output_dir, "model"), os.path.join(output_dir, "export")) if FileSystems.exists(d)]
+    if stale:
+        FileSystems.delete(stale)
+    drop_sections(output_dir, ("train", "baseline", "export", "drift"))
     options = pipeline_options(list(beam_args or []))
     _LOG.info("preprocess: %s (%d file(s)) -> %s", config.input.path, len(matches), out)
     started = time.time()

@@ -104,32 +104,37 @@ def verify(path: str) -> dict:
         raise RunError(f"{path}: not a finished run (manifest lacks {', '.join(missing)})")
     for name in manifest["export"]["tables"]:
         try:
-            load_table(os.path.join(path, "export", name))  # not the recorded path: runs can move
+            load_table(os.path.join(path, "export", name), verify="all")  # under the run dir: runs can move
         except TableError as e:
             raise RunError(f"{path}: exported table {name} does not verify: {e}") from None
     return manifest
 
 
 def publish(
-    root: str, run_id: str, config_digest: str | None = None, drift_limits=None, config_source: str = ""
+    root: str,
+    run_id: str,
+    config_digest: str | None = None,
+    drift_limits=None,
+    config_source: str = "",
+    force: bool = False,
 ) -> dict:
     """Verifies `runs/<run_id>/`, compares it with the published run (`trainer.drift`, the
     manifest's `drift` section; `drift_limits`, default the ones the preprocess stage recorded
     from the config, raise RunError when breached), marks it complete and points `LATEST` at
     it; returns the pointer.
 
-    `config_digest` (default: the manifest's) is what a re-run of the ID must match.
+    `config_digest` (default: the manifest's) is what a re-run of the ID must match. Publishing
+    an already complete run that is not the latest one (a rollback) needs `force`.
     """
     path = run_dir(root, run_id)
     if not tf.io.gfile.exists(path):
         raise RunError(f"{path}: no such run to publish")
+    current = _latest_or_none(root)
+    if is_complete(path) and current not in (None, path) and not force:
+        raise RunError(f"{path} is an older complete run and LATEST is on {current}; pass --force to roll LATEST back")
     manifest = verify(path)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    try:
-        previous = latest(root)
-    except RunError as e:  # a damaged pointer must not block the run that replaces it
-        _LOG.warning("publish: %s; publishing without a drift comparison", e)
-        previous = None
+    previous = current
     if not is_complete(path) and previous is not None and previous != path:
         from schemas.config import DriftLimits
         from trainer import drift
@@ -160,6 +165,14 @@ def latest(root: str) -> str | None:
     if not is_complete(path):
         raise RunError(f"{pointer_path} points at {path}, which is not a complete run")
     return path
+
+
+def _latest_or_none(root: str) -> str | None:
+    try:
+        return latest(root)
+    except RunError as e:  # a damaged pointer must not block the run that replaces it
+        _LOG.warning("publish: %s; publishing without a drift comparison", e)
+        return None
 
 
 def resolve(path: str) -> str:
@@ -219,7 +232,7 @@ def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | Coll
         if (dim != "auto" and int(dim) != old["dim"]) or kind_changed or (hash_rows is not None and hash_rows != old["rows"]):
             _LOG.warning("warm start: %s no longer fits %s (dim, type or buckets changed); it starts fresh", name, path)
             return None
-        return TableInit(path=path, trainable=True)
+        return TableInit(path=path, trainable=True, warm_start=True)
 
     if isinstance(config, CollaborativeConfig):
         sides = {}

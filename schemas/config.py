@@ -103,6 +103,7 @@ class TableInit:
 
     path: str  # the exported table directory (`<output>/export/<table>`), absolute or a URL
     trainable: bool = False
+    warm_start: bool = False  # set by `--warm-start`, not by the config file: not in `digest()`
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,10 @@ class DatasetConfig:
         """A sha256 of the parsed config (not of its file), stable across whitespace edits."""
         payload = dataclasses.asdict(self)
         payload.pop("source")
+        # A warm start's sources change every day; the run is still "the same config".
+        for table in [*payload.get("categorical", ()), payload.get("user"), payload.get("item")]:
+            if table and table.get("init_from") and table["init_from"]["warm_start"]:
+                table["init_from"] = None
         blob = json.dumps(payload, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()
 

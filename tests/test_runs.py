@@ -52,12 +52,18 @@ def test_an_incomplete_or_damaged_run_is_never_published(tmp_path):
     with pytest.raises(runs.RunError, match="not a finished run .*lacks train, export"):
         runs.publish(str(tmp_path), "half")
     damaged = _fake_run(tmp_path, "damaged")
-    with open(os.path.join(damaged, "export", "t", "vectors.npy"), "ab") as f:
-        f.write(b"x")
-    with pytest.raises(runs.RunError, match="exported table t does not verify: .*checksum"):
+    with open(os.path.join(damaged, "export", "t", "vectors.w2v.txt"), "ab") as f:
+        f.write(b"x")  # a file load_table does not read by default: publish checks every file
+    with pytest.raises(runs.RunError, match="exported table t does not verify: .*vectors.w2v.txt: checksum"):
         runs.publish(str(tmp_path), "damaged")
     with pytest.raises(runs.RunError, match="no such run"):
         runs.publish(str(tmp_path), "never")
+    assert runs.latest(str(tmp_path)) == good
+    _fake_run(tmp_path, "newer")
+    runs.publish(str(tmp_path), "newer")
+    with pytest.raises(runs.RunError, match="older complete run .* --force"):
+        runs.publish(str(tmp_path), "good")  # no silent rollback
+    runs.publish(str(tmp_path), "good", force=True)
     assert runs.latest(str(tmp_path)) == good
 
 

@@ -10,8 +10,9 @@
     table.labels                     # per-row labels (item titles) or None
     table.as_dict()                  # {key: vector}
 
-Loading checks every file against the sha256 in the table's `manifest.json` and the matrix
-against its declared shape, and fails with `TableError` naming the file otherwise. Nothing in
+Loading checks the files it reads (keys, vectors, Parquet; `verify="all"`: every file of the
+table, as `embedpipe publish` does) against the sha256 in the table's `manifest.json` and the
+matrix against its declared shape, and fails with `TableError` naming the file otherwise. Nothing in
 the table directory is executed or unpickled.
 """
 
@@ -118,8 +119,12 @@ class EmbeddingTable:
         return {k: self.vectors[i] for i, k in enumerate(self.keys)}
 
 
-def load_table(path: str, verify: bool = True) -> EmbeddingTable:
-    """Reads `<export>/<table>/` (keys, vectors and frequencies); see the module docstring."""
+def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
+    """Reads `<export>/<table>/` (keys, vectors and frequencies); see the module docstring.
+
+    verify: True checks the files read here (keys, vectors, Parquet) against the manifest's
+    sha256; "all" every file of the table (the other formats too: what `publish` does); False none.
+    """
     from pipeline.runs import resolve
 
     path = resolve(path)  # ROOT/LATEST/export/<table> -> the latest published run's table
@@ -129,7 +134,10 @@ def load_table(path: str, verify: bool = True) -> EmbeddingTable:
     with tf.io.gfile.GFile(manifest_path) as f:
         manifest = json.load(f)
     if verify:
-        for entry in manifest["files"].values():
+        read = {"keys", "vectors", "parquet"}
+        for name, entry in manifest["files"].items():
+            if verify != "all" and name not in read:
+                continue
             file_path = os.path.join(path, entry["path"])
             if not tf.io.gfile.exists(file_path):
                 raise TableError(f"{file_path}: missing (listed in {manifest_path})")
