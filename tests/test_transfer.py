@@ -18,7 +18,7 @@ from pipeline import cli
 from schemas.config import ConfigError, TableInit, load_config
 from trainer.tables import load_table
 from trainer import train
-from trainer.train import match_rows
+from trainer.tables import match_rows
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

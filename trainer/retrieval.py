@@ -45,7 +45,7 @@ from pipeline.runs import resolve
 from pipeline.tables import table_keys, table_specs
 from schemas.config import CollaborativeConfig, ConfigError
 from trainer.sparse import SparseAwareOptimizer, SparseEmbedding
-from trainer.tables import load_table
+from trainer.tables import load_table, match_rows
 
 _LOG = logging.getLogger(__name__)
 EVAL_BLOCK_USERS = 1024
@@ -245,8 +245,6 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
 def _warm_start(model, config: CollaborativeConfig, specs: dict, tft_output) -> dict:
     """Copies the rows of the `init_from` tables (warm start, `trainer.warm`) into `model`'s
     tables, matched by key; returns {table: match report}."""
-    from trainer.train import match_rows  # trainer.train imports this module
-
     report = {}
     for side in (config.item, config.user):
         layer = model.item_table if side is config.item else getattr(model, "user_table", None)

@@ -10,6 +10,9 @@
     table.labels                     # per-row labels (item titles) or None
     table.as_dict()                  # {key: vector}
 
+`match_rows` lines up a new table's rows with an exported table's by key (transfer learning and
+warm start).
+
 Loading checks the files it reads (keys, vectors, Parquet; `verify="all"`: every file of the
 table, as `embedpipe publish` does) against the sha256 in the table's `manifest.json` and the
 matrix against its declared shape, and fails with `TableError` naming the file otherwise. Nothing in
@@ -158,3 +161,30 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
     frequencies = parquet.column("frequency").to_numpy()
     labels = parquet.column("label").to_pylist() if "label" in parquet.column_names else None
     return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest, labels)
+
+
+@dataclass(frozen=True)
+class RowMatch:
+    """Which rows of a new table start from which rows of a source table."""
+
+    rows: np.ndarray  # int64 rows of the new table, matched keys first, then OOV rows
+    source_rows: np.ndarray  # the source row each of them copies
+    matched_keys: int  # how many of `rows` were matched by key (the rest are OOV rows)
+
+    @property
+    def oov_rows(self) -> int:
+        return len(self.rows) - self.matched_keys
+
+
+def match_rows(keys: list[str], oov_rows: int, source_keys: list[str], source_oov_rows: int) -> RowMatch:
+    """Matches a new table's rows to a source table's: the real (non-OOV) rows by key, and OOV
+    row i to the source's OOV row i where both exist. OOV rows are the last `oov_rows` of each
+    table (`<OOV 0>`, ... or `<OOV>`); a real key never matches an OOV row."""
+    real, source_real = len(keys) - oov_rows, len(source_keys) - source_oov_rows
+    index = {key: i for i, key in enumerate(source_keys[:source_real])}
+    pairs = [(i, index[key]) for i, key in enumerate(keys[:real]) if key in index]
+    matched = len(pairs)
+    pairs += [(real + i, source_real + i) for i in range(min(oov_rows, source_oov_rows))]
+    rows = np.array([i for i, _ in pairs], dtype=np.int64)
+    source_rows = np.array([j for _, j in pairs], dtype=np.int64)
+    return RowMatch(rows, source_rows, matched)

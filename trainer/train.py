@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 
 import keras
-import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
@@ -44,7 +43,7 @@ from schemas.config import CategoricalFeature, CollaborativeConfig, Config, Conf
 from trainer import retrieval
 from trainer.data import make_dataset
 from trainer.model import Table, build_model, headline_metric, set_table_rows
-from trainer.tables import EmbeddingTable, load_table
+from trainer.tables import EmbeddingTable, RowMatch, load_table, match_rows
 
 _LOG = logging.getLogger(__name__)
 
@@ -68,33 +67,6 @@ class ServingModule(tf.Module):
         transformed = self.tft_layer(raw)
         prediction = self.model({k: transformed[k] for k in self.input_names}, training=False)
         return {"prediction": prediction}
-
-
-@dataclass(frozen=True)
-class RowMatch:
-    """Which rows of a new table start from which rows of a source table."""
-
-    rows: np.ndarray  # int64 rows of the new table, matched keys first, then OOV rows
-    source_rows: np.ndarray  # the source row each of them copies
-    matched_keys: int  # how many of `rows` were matched by key (the rest are OOV rows)
-
-    @property
-    def oov_rows(self) -> int:
-        return len(self.rows) - self.matched_keys
-
-
-def match_rows(keys: list[str], oov_rows: int, source_keys: list[str], source_oov_rows: int) -> RowMatch:
-    """Matches a new table's rows to a source table's: the real (non-OOV) rows by key, and OOV
-    row i to the source's OOV row i where both exist. OOV rows are the last `oov_rows` of each
-    table (`<OOV 0>`, ... or `<OOV>`); a real key never matches an OOV row."""
-    real, source_real = len(keys) - oov_rows, len(source_keys) - source_oov_rows
-    index = {key: i for i, key in enumerate(source_keys[:source_real])}
-    pairs = [(i, index[key]) for i, key in enumerate(keys[:real]) if key in index]
-    matched = len(pairs)
-    pairs += [(real + i, source_real + i) for i in range(min(oov_rows, source_oov_rows))]
-    rows = np.array([i for i, _ in pairs], dtype=np.int64)
-    source_rows = np.array([j for _, j in pairs], dtype=np.int64)
-    return RowMatch(rows, source_rows, matched)
 
 
 @dataclass(frozen=True)
