@@ -17,23 +17,7 @@ from schemas.config import load_config
 from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
 
-CONFIG = """
-name: tiny_watch
-task: collaborative
-input:
-  format: parquet
-  path: interactions.parquet
-  columns: {user: string, item: string, ts: int, rating: float}
-interactions:
-  user: {column: user}
-  item: {column: item, min_count: 2, dim: 8}
-  timestamp: ts
-  holdout: 2
-  max_history: 3
-item_metadata: {path: items.parquet, key: item, label: title}
-training: {batch_size: 128, epochs: 8}
-evaluation: {k: [10, 20]}
-"""
+CONFIG = open(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_watch.yaml")).read()
 
 
 def test_temporal_holdout_keeps_the_future_out_of_training(write_config):

@@ -213,21 +213,6 @@ def test_counters_fall_back_to_attempted_metrics():
     assert preprocess._counters(result(committed=counters)) == {"rows_read": 7, "rows_train": 4}
 
 
-WATCH_CONFIG = """
-name: tiny_watch
-task: collaborative
-input:
-  format: parquet
-  path: interactions.parquet
-  columns: {user: string, item: string, ts: int, rating: float}
-interactions:
-  user: {column: user}
-  item: {column: item, min_count: 2, dim: 8}
-  timestamp: ts
-  holdout: 2
-  max_history: 3
-item_metadata: {path: items.parquet, key: item, label: title}
-"""
 
 
 @pytest.mark.slow
@@ -236,7 +221,8 @@ def test_portable_runner_matches_local_runner_collaborative(portable, tmp_path):
 
     logs = synthetic.generate_watch_logs(num_users=60, num_items=40, num_groups=3, mean_interactions=8, seed=3)
     synthetic.write_watch_logs(logs, str(tmp_path))
-    (tmp_path / "watch.yaml").write_text(WATCH_CONFIG)
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_watch.yaml")) as f:
+        (tmp_path / "watch.yaml").write_text(f.read())
     config = str(tmp_path / "watch.yaml")
     local_out, portable_out = str(tmp_path / "local"), str(tmp_path / "portable")
     local = preprocess.run(["--config", config, "--output", local_out])

@@ -23,12 +23,12 @@ import os
 
 import numpy as np
 
+from trainer.neighbors import NeighborIndex
 from trainer.tables import EmbeddingTable
 
 _LOG = logging.getLogger(__name__)
 NEIGHBOR_K = 10
 NEIGHBOR_SAMPLE = 1000
-BLOCK_ROWS = 128
 
 
 def compare_runs(run_dir: str, previous_dir: str) -> dict:
@@ -82,24 +82,10 @@ def _neighbor_overlap(new: EmbeddingTable, old: EmbeddingTable, keys: list[str])
     k = min(NEIGHBOR_K, new.real_rows - 1, old.real_rows - 1)
     if not keys or k < 1:
         return None
-    top_new = _top_k(new, [new.row(key) for key in keys], k)
-    top_old = _top_k(old, [old.row(key) for key in keys], k)
+    top_new = NeighborIndex(new).nearest_keys([new.row(key) for key in keys], k)
+    top_old = NeighborIndex(old).nearest_keys([old.row(key) for key in keys], k)
     shares = [len(set(a) & set(b)) / k for a, b in zip(top_new, top_old)]
     return float(np.mean(shares))
-
-
-def _top_k(table: EmbeddingTable, rows: list[int], k: int) -> list[list[str]]:
-    """The keys of the k nearest real rows (cosine) of each of `rows`, itself excluded."""
-    vectors = table.vectors[: table.real_rows].astype(np.float32)
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    out = []
-    for start in range(0, len(rows), BLOCK_ROWS):
-        block = np.asarray(rows[start : start + BLOCK_ROWS])
-        scores = unit[block] @ unit.T
-        scores[np.arange(len(block)), block] = -np.inf
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        out.extend([[table.keys[i] for i in row] for row in top])
-    return out
 
 
 def check_thresholds(drift: dict, limits, source: str) -> None:

@@ -57,6 +57,18 @@ class NeighborIndex:
         labels = self.table.labels or [""] * len(self.table.keys)
         return [(self.table.keys[i], labels[i], float(scores[i])) for i in top]
 
+    def nearest_keys(self, rows: list[int], k: int, block: int = 128) -> list[list[str]]:
+        """The keys of the k nearest rows of each of `rows` (unordered), each itself excluded;
+        `block` rows at a time."""
+        out = []
+        for start in range(0, len(rows), block):
+            part = np.asarray(rows[start : start + block])
+            scores = self.unit[part] @ self.unit.T
+            scores[np.arange(len(part)), part] = -np.inf
+            top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            out.extend([[self.table.keys[i] for i in row] for row in top])
+        return out
+
     def neighbors(self, key_or_label: str, k: int = 10) -> list[tuple[str, str, float]]:
         """(key, label, cosine) of the k nearest rows, the query itself excluded."""
         row = self.row(key_or_label)

@@ -133,6 +133,27 @@ def write_config(raw: dict, path: str) -> str:
     return path
 
 
+def train_variants(base, source, dim, seed, input_path, run, target, n, results, line, training=None):
+    """Trains every model x variant on one sample; yields (model, variant, eval metrics, epochs),
+    collects the metrics in `results` and notes the key match of the frozen full model in `line`."""
+    from schemas.config import load_config
+    from trainer import train
+
+    for model in MODELS:
+        for variant in VARIANTS:
+            raw = variant_config(base, model, variant, source, dim, seed, input_path, training)
+            section = train.train(load_config(write_config(raw, os.path.join(run, f"{model}_{variant}.yaml"))), run)
+            m = section["eval_metrics"]
+            results.setdefault((n, model, variant), []).append({**m, "epochs": section["epochs_run"]})
+            if "transfer" in section and seed == 0 and model == "full" and variant == "frozen":
+                t = section["transfer"]["dow_x_hour"]
+                line.append(
+                    f"  match: {t['matched_keys']}/{t['rows'] - t['oov_rows_copied']} {target} cells "
+                    f"+ {t['oov_rows_copied']} OOV row, {t['occurrence_match_rate']:.1%} of training rows"
+                )
+            yield model, variant, m, section["epochs_run"]
+
+
 def variant_config(
     base: dict, model: str, variant: str, source: str, dim: int, seed: int, input_path: str, training: dict | None = None
 ) -> dict:
@@ -157,7 +178,6 @@ def bench(out: str, sizes: list[int], seeds: int, fresh_source: bool) -> None:
     """The taxi scenario (steps 1-3)."""
     from pipeline import preprocess
     from schemas.config import load_config
-    from trainer import train
     from trainer.tables import load_table
 
     source = flights_source(os.path.join(out, "flights"), fresh_source)
@@ -189,20 +209,8 @@ def bench(out: str, sizes: list[int], seeds: int, fresh_source: bool) -> None:
             if (counts["train"], counts["eval"]) != (n, len(eval_lines)):
                 sys.exit(f"split changed: {counts}")
             line = [f"taxi {n} train rows, seed {seed} (preprocess {time.perf_counter() - started:.0f}s):"]
-            for model in MODELS:
-                for variant in VARIANTS:
-                    raw = variant_config(base, model, variant, source, dim, seed, csv)
-                    path = write_config(raw, os.path.join(run, f"{model}_{variant}.yaml"))
-                    section = train.train(load_config(path), run)
-                    m = section["eval_metrics"]
-                    results.setdefault((n, model, variant), []).append({**m, "epochs": section["epochs_run"]})
-                    if "transfer" in section and seed == 0 and model == "full" and variant == "frozen":
-                        t = section["transfer"]["dow_x_hour"]
-                        line.append(
-                            f"  match: {t['matched_keys']}/{t['rows'] - t['oov_rows_copied']} taxi cells "
-                            f"+ {t['oov_rows_copied']} OOV row, {t['occurrence_match_rate']:.1%} of training rows"
-                        )
-                    line.append(f"  {model:<5} {variant:<10} auc {m['auc']:.4f}  loss {m['loss']:.4f}  ({section['epochs_run']} epochs)")
+            for model, variant, m, epochs in train_variants(base, source, dim, seed, csv, run, "taxi", n, results, line):
+                line.append(f"  {model:<5} {variant:<10} auc {m['auc']:.4f}  loss {m['loss']:.4f}  ({epochs} epochs)")
             print("\n".join(line), flush=True)
     report(results, seeds)
 
@@ -332,7 +340,6 @@ def bench_lga(out: str, sizes: list[int], seeds: int, fresh_source: bool, traini
 
     from pipeline import datasets, preprocess
     from schemas.config import load_config
-    from trainer import train
     from trainer.tables import load_table
 
     flights = datasets.flights_table()
@@ -380,23 +387,10 @@ def bench_lga(out: str, sizes: list[int], seeds: int, fresh_source: bool, traini
                 f"sample's median {constant_mae(picked, eval_rows):.2f}, of its cell medians "
                 f"{cell_median_mae(picked, eval_rows):.2f}:"
             ]
-            for model in MODELS:
-                for variant in VARIANTS:
-                    raw = variant_config(base, model, variant, source, dim, seed, path, training)
-                    cfg = write_config(raw, os.path.join(run, f"{model}_{variant}.yaml"))
-                    section = train.train(load_config(cfg), run)
-                    m = section["eval_metrics"]
-                    results.setdefault((n, model, variant), []).append({**m, "epochs": section["epochs_run"]})
-                    if "transfer" in section and seed == 0 and model == "full" and variant == "frozen":
-                        t = section["transfer"]["dow_x_hour"]
-                        line.append(
-                            f"  match: {t['matched_keys']}/{t['rows'] - t['oov_rows_copied']} LGA cells "
-                            f"+ {t['oov_rows_copied']} OOV row, {t['occurrence_match_rate']:.1%} of training rows"
-                        )
-                    line.append(
-                        f"  {model:<5} {variant:<10} mae {m['mae']:.3f}  rmse {m['rmse']:.2f}  "
-                        f"({section['epochs_run']} epochs)"
-                    )
+            for model, variant, m, epochs in train_variants(
+                base, source, dim, seed, path, run, "LGA", n, results, line, training
+            ):
+                line.append(f"  {model:<5} {variant:<10} mae {m['mae']:.3f}  rmse {m['rmse']:.2f}  ({epochs} epochs)")
             print("\n".join(line), flush=True)
     report(results, seeds, metrics=("mae", "rmse"), title="all LGA eval rows")
 
