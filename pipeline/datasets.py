@@ -17,8 +17,6 @@ import os
 from importlib import resources
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from pipeline import synthetic
 
@@ -98,17 +96,14 @@ def write_example(name: str, output_dir: str, fmt: str = "parquet") -> str:
         os.makedirs(folder, exist_ok=True)
         paths = [os.path.join(folder, f"{part}.{fmt}") for part in ("interactions", "items")]
         for table, path in zip((interactions, items), paths):
-            pq.write_table(table, path) if fmt == "parquet" else pacsv.write_csv(table, path)
+            synthetic.write_input_table(table, path)
         return paths[0]
     if name != "flights":
         raise ValueError(f"unknown example dataset {name!r} (known: {', '.join(EXAMPLES)})")
     table = flights_table()
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}.{fmt}")
-    if fmt == "parquet":
-        pq.write_table(table, path)
-    else:
-        pacsv.write_csv(table, path)
+    synthetic.write_input_table(table, path)
     return path
 
 

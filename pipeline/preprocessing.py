@@ -56,6 +56,7 @@ def _categorical_ids(feature: CategoricalFeature, inputs: dict) -> tf.Tensor:
             frequency_threshold=feature.min_count if feature.min_count > 1 else None,
             num_oov_buckets=feature.oov_buckets,
             vocab_filename=feature.name,
+            weights=unit_weights(x),
         )
     if feature.type == "identity":
         n = feature.num_buckets
@@ -74,7 +75,17 @@ def _label(config: Config, y: tf.Tensor) -> tf.Tensor:
             return tf.cast(tf.equal(_as_string(y), config.label.positive), tf.int64)
         return tf.cast(tf.not_equal(y, 0), tf.int64)
     # One OOV class (index = number of classes seen in training) for classes only eval has.
-    return tft.compute_and_apply_vocabulary(y, num_oov_buckets=1, vocab_filename=LABEL_VOCABULARY)
+    return tft.compute_and_apply_vocabulary(
+        y, num_oov_buckets=1, vocab_filename=LABEL_VOCABULARY, weights=unit_weights(y)
+    )
+
+
+def unit_weights(x: tf.Tensor) -> tf.Tensor:
+    """A weight of 1 per value: the same vocabulary as no weights (counts, thresholds and ties
+    are unchanged), counted much faster. Unweighted, tf.Transform sends every value of every
+    batch to Beam as its own element to count; weighted, each batch is reduced in the graph to
+    its distinct values and their summed weights first."""
+    return tf.ones_like(x, dtype=tf.float32)
 
 
 def _as_string(x: tf.Tensor) -> tf.Tensor:

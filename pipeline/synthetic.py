@@ -234,12 +234,22 @@ def write_watch_logs(logs: WatchLogs, output_dir: str, fmt: str = "parquet") -> 
     os.makedirs(output_dir, exist_ok=True)
     paths = (os.path.join(output_dir, f"interactions.{fmt}"), os.path.join(output_dir, f"items.{fmt}"))
     for table, path in zip((logs.interactions, logs.items), paths):
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            pq.write_table(table, path)
-        else:
-            import pyarrow.csv as pcsv
-
-            pcsv.write_csv(table, path)
+        write_input_table(table, path)
     return paths
+
+
+# Rows per Parquet row group in the example inputs: a reader splits a file by row group (a whole
+# group goes to one worker), so a file of one big group could be read by one worker only.
+PARQUET_ROW_GROUP_ROWS = 65536
+
+
+def write_input_table(table: pa.Table, path: str) -> None:
+    """Writes an example input file as the format its extension names (`.parquet` or `.csv`)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path, row_group_size=PARQUET_ROW_GROUP_ROWS)
+    else:
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)

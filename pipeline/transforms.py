@@ -12,7 +12,9 @@ every rejected row with its reason, file and line. The row-level logic itself is
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -22,13 +24,12 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tensorflow as tf
 import tensorflow_transform.beam as tft_beam
-from apache_beam.io import filebasedsource, textio
+from apache_beam.io import filebasedsink, filebasedsource
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
 from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.public import tfxio
 from tfx_bsl.tfxio import tensor_representation_util
@@ -41,6 +42,7 @@ DEAD = "dead"
 TRAIN = "train"
 EVAL = "eval"
 CSV_BATCH_LINES = 8192
+CSV_READ_BLOCK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 65536
 LINE_INDEX_BLOCK_BYTES = 16 << 20
 PROGRESS_EVERY_ROWS = 200_000
@@ -65,8 +67,8 @@ class _ReadProgress:
 class ReadRawLogs(beam.PTransform):
     """Reads the configured input into `rows.RawRows` batches, each row with its file and line.
 
-    CSV is read line by line (splittable across workers, see `_LinesWithPosition`), Parquet row
-    group by row group (`_ParquetRowGroups`); nothing is parsed here, so that every per-row step
+    CSV is read in blocks of lines (splittable across workers, see `_CsvLineBatches`), Parquet
+    row group by row group (`_ParquetRowGroups`); nothing is parsed here, so that every per-row step
     runs inside `ParseAndValidate`'s exception handling. Returns a `DoOutputsTuple` with the main
     output `rows` and `DEAD` (rows the reader itself rejects: none at present).
 
@@ -81,14 +83,10 @@ class ReadRawLogs(beam.PTransform):
     def expand(self, pbegin):
         inp = self.config.input
         if inp.format == "csv":
-            source = _LinesWithPosition(
-                inp.path, 0, CompressionTypes.AUTO, True, beam.coders.BytesCoder(),
-                skip_header_lines=1 if inp.header else 0,
-            )
             return (
                 pbegin
-                | "ReadLines" >> beam.io.Read(source)
-                | "BatchLines" >> beam.ParDo(_BatchLines()).with_outputs(DEAD, main="rows")
+                | "ReadLines" >> beam.io.Read(_CsvLineBatches(inp.path, 1 if inp.header else 0))
+                | "CountRows" >> beam.ParDo(_CountRows()).with_outputs(DEAD, main="rows")
             )
         return (
             pbegin
@@ -97,48 +95,81 @@ class ReadRawLogs(beam.PTransform):
         )
 
 
-class _ClaimRecorder:
-    """A range tracker that remembers the last position claimed (and otherwise delegates)."""
+class _CsvLineBatches(filebasedsource.FileBasedSource):
+    """CSV files -> `rows.RawRows` of up to CSV_BATCH_LINES lines, each line with its offset and line.
 
-    def __init__(self, tracker):
-        self._tracker = tracker
-        self.last = None
+    Reads CSV_READ_BLOCK_BYTES at a time and cuts the block at line feeds with `bytes.split`,
+    so no Python code runs per line. Lines are what Beam's `ReadFromText` yields: they end at a
+    line feed, a carriage return just before it is dropped (CRLF files), a last line without
+    one is kept, and a line belongs to the piece of the file in which its first byte lies (a
+    piece that does not start the file begins after the first line feed at or after its start
+    - 1), so the file splits across workers; compressed files are read whole.
 
-    def try_claim(self, position):
-        self.last = position
-        return self._tracker.try_claim(position)
-
-    def __getattr__(self, name):
-        return getattr(self._tracker, name)
-
-
-class _LinesWithPosition(textio._TextSource):
-    """Beam's text source (as `ReadFromText`), yielding `(file, offset, line, text)` per line.
-
-    `offset` is the byte offset at which the line starts (the position the reader claims for
-    it). `line` is the 1-based line number where the piece being read starts at the file's
-    beginning (the whole file when it is small or compressed), else None: a reader that starts
-    mid-file cannot know how many lines precede it without reading them, and
-    `WriteDeadLetters` fills those in for the rows it writes (`AddLineNumbers`).
-
-    Built on Beam's private `textio._TextSource`, as `ReadFromTextWithFilename` is; the offsets
-    and lines are checked against the file in tests/test_dead_letters.py.
+    `offset` is the byte offset at which a line starts. `line` is its 1-based line number where
+    the piece being read starts the file (the header is line 1), else None: a reader that starts
+    mid-file cannot know how many lines precede it without reading them, and `WriteDeadLetters`
+    fills those in for the rows it writes (`AddLineNumbers`). Checked against the file in
+    tests/test_dead_letters.py.
     """
 
+    def __init__(self, file_pattern: str, skip_header_lines: int, block_bytes: int = CSV_READ_BLOCK_BYTES):
+        super().__init__(file_pattern)  # compression: AUTO, from the file name
+        self._skip_header_lines = skip_header_lines
+        self._block_bytes = block_bytes
+
     def read_records(self, file_name, range_tracker):
-        claims = _ClaimRecorder(range_tracker)
-        line = 1 + self._skip_header_lines if not range_tracker.start_position() else None
-        for text in super().read_records(file_name, claims):
-            yield file_name, claims.last, line, text
-            if line is not None:
-                line += 1
+        start = range_tracker.start_position() or 0
+        with self.open_file(file_name) as f:
+            if start:
+                f.seek(start - 1)
+                position, line = start - 1 + len(f.readline()), None
+            else:
+                position, line = 0, 1
+                for _ in range(self._skip_header_lines):
+                    skipped = f.readline()
+                    position += len(skipped)
+                    line += 1
+            pending = b""
+            while True:
+                block = f.read(self._block_bytes)
+                data = pending + block
+                if block:
+                    pieces = data.split(b"\n")
+                    pending = pieces.pop()  # the start of a line the next block goes on with
+                else:
+                    pieces = [pending] if pending else []  # a last line without a line feed: as it is
+                offsets = list(itertools.accumulate((len(p) + 1 for p in pieces), initial=position))
+                position = offsets.pop()
+                if block and b"\r" in data:
+                    pieces = [p[:-1] if p.endswith(b"\r") else p for p in pieces]
+                for i in range(0, len(pieces), CSV_BATCH_LINES):
+                    batch = self._claim(range_tracker, offsets[i : i + CSV_BATCH_LINES])
+                    if batch:
+                        lines = [None] * len(batch) if line is None else range(line + i, line + i + len(batch))
+                        yield rows.RawRows(file_name, pieces[i : i + len(batch)], lines, batch)
+                    if len(batch) < len(offsets[i : i + CSV_BATCH_LINES]):
+                        return  # the rest of the file is another piece's
+                if not block:
+                    return
+                if line is not None:
+                    line += len(pieces)
+
+    @staticmethod
+    def _claim(range_tracker, offsets: list[int]) -> list[int]:
+        """The leading `offsets` that are this piece's, claimed by claiming the last of them. If
+        the claim fails, the piece was split meanwhile (never below a claimed position): the
+        offsets before the new stop are still this piece's."""
+        n = bisect.bisect_left(offsets, range_tracker.stop_position())
+        if n and not range_tracker.try_claim(offsets[n - 1]):
+            n = bisect.bisect_left(offsets, range_tracker.stop_position())
+        return offsets[:n]
 
     def output_type_hint(self):
         return Any
 
 
-class _BatchLines(beam.DoFn):
-    """Buffers `(file, offset, line, text)` per file into `RawRows` of CSV_BATCH_LINES lines."""
+class _CountRows(beam.DoFn):
+    """Counts `RawRows` as read (`rows_read`) and logs progress; passes them on."""
 
     def __init__(self):
         self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
@@ -146,26 +177,10 @@ class _BatchLines(beam.DoFn):
     def setup(self):
         self._progress = _ReadProgress()
 
-    def start_bundle(self):
-        self._buffers: dict[str, list[tuple]] = {}
-
-    def process(self, element):
-        buffer = self._buffers.get(element[0])
-        if buffer is None:
-            buffer = self._buffers[element[0]] = []
-        buffer.append(element)
-        if len(buffer) >= CSV_BATCH_LINES:
-            yield self._flush(element[0])
-
-    def finish_bundle(self):
-        for source in list(self._buffers):
-            yield WindowedValue(self._flush(source), -1, [GlobalWindow()])
-
-    def _flush(self, source) -> rows.RawRows:
-        _, offsets, lines, texts = zip(*self._buffers.pop(source))
-        self.rows_read.inc(len(texts))
-        self._progress.add(len(texts), source)
-        return rows.RawRows(source, list(texts), lines, offsets)
+    def process(self, raw: rows.RawRows):
+        self.rows_read.inc(len(raw))
+        self._progress.add(len(raw), raw.source)
+        yield raw
 
 
 class _ParquetRowGroups(filebasedsource.FileBasedSource):
@@ -345,28 +360,48 @@ class TransformAndWrite(beam.PTransform):
 
 
 class WriteExamples(beam.PTransform):
-    """Transformed `(RecordBatch, passthrough)` pairs -> gzip TFRecord shards of tf.Examples."""
+    """Transformed `(RecordBatch, passthrough)` pairs -> gzip TFRecord shards of tf.Examples.
+
+    A batch stays one Beam element down to the file: `_ExampleBatchSink` encodes it with tfx_bsl's
+    RecordBatch -> tf.Example encoder and writes its records with TensorFlow's TFRecord writer
+    (C++ framing, CRCs and gzip). One element per example instead would cost Beam's per-element
+    work (windowing, the sink's bookkeeping) a million times per million rows. The sink is a
+    `FileBasedSink`, so shards are still written to temporary files and renamed into place only
+    when the job commits (Beam's usual atomic finalisation).
+    """
 
     def __init__(self, file_prefix: str):
         super().__init__()
         self.file_prefix = file_prefix
 
     def expand(self, transformed):
-        return (
-            transformed
-            | "EncodeExamples" >> beam.FlatMap(_encode_examples)
-            | "WriteTFRecords"
-            >> beam.io.WriteToTFRecord(
-                self.file_prefix,
-                file_name_suffix=".tfrecord.gz",
-                compression_type=beam.io.filesystem.CompressionTypes.GZIP,
-            )
+        return transformed | "WriteTFRecords" >> beam.io.Write(_ExampleBatchSink(self.file_prefix))
+
+
+class _ExampleBatchSink(filebasedsink.FileBasedSink):
+    """A FileBasedSink whose records are whole `(RecordBatch, passthrough)` pairs; each shard is a
+    gzip TFRecord file written by `tf.io.TFRecordWriter` (so on any path TensorFlow can write:
+    the trainer reads the same paths with tf.data)."""
+
+    def __init__(self, file_prefix: str):
+        super().__init__(
+            file_prefix,
+            coder=beam.coders.BytesCoder(),  # unused: write_record encodes whole batches itself
+            file_name_suffix=".tfrecord.gz",
+            mime_type="application/octet-stream",
+            compression_type=CompressionTypes.UNCOMPRESSED,  # the TFRecord writer compresses
         )
 
+    def open(self, temp_path):
+        return tf.io.TFRecordWriter(temp_path, tf.io.TFRecordOptions(compression_type="GZIP"))
 
-def _encode_examples(element):
-    batch, _ = element
-    return tfxio.RecordBatchToExamplesEncoder().encode(batch)
+    def write_record(self, writer, element):
+        batch, _ = element
+        for record in tfxio.RecordBatchToExamplesEncoder().encode(batch):
+            writer.write(record)
+
+    def close(self, writer):
+        writer.close()
 
 
 class WriteDeadLetters(beam.PTransform):

@@ -8,6 +8,7 @@ line, byte offset and reason, counted per reason in the manifest.
 
 import dataclasses
 import glob
+import gzip
 import json
 import os
 import random
@@ -20,7 +21,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import rows
 from pipeline.preprocess import LOCAL_RUNNER, preprocess
-from pipeline.transforms import DEAD, AddLineNumbers, ParseAndValidate, ReadRawLogs, _LinesWithPosition
+from pipeline.transforms import DEAD, AddLineNumbers, ParseAndValidate, ReadRawLogs, _CsvLineBatches
 from schemas.config import ConfigError, load_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -248,17 +249,32 @@ def test_reader_gives_every_line_its_offset_and_a_line_where_its_piece_starts_th
     lines[5], lines[9] = b"a,\rb", b""
     path.write_bytes(b"\r\n".join(lines[:3]) + b"\r\n" + b"\n".join(lines[3:]))
     content = path.read_bytes()
-    source = _LinesWithPosition(str(path), 0, "auto", True, beam.coders.BytesCoder(), skip_header_lines=1)
+    for block_bytes in (1, 2, 50, 1 << 20):  # lines (and CRLFs) straddle block ends, and piece ends
+        check_pieces(path, lines, block_bytes, piece_bytes=300)
+    with gzip.open(tmp_path / "f.csv.gz", "wb") as f:
+        f.write(content)
+    read = check_pieces(tmp_path / "f.csv.gz", lines, 7, piece_bytes=300, content=content)
+    assert [line for _, _, line, _ in read] == list(range(2, 302))  # read whole: every line numbered
+
+
+def check_pieces(path, lines, block_bytes, piece_bytes, content=None):
+    """Reads `path` piece by piece; `content`: the uncompressed bytes of a compressed file."""
+    compressed = content is not None
+    content = content or path.read_bytes()
+    source = _CsvLineBatches(str(path), skip_header_lines=1, block_bytes=block_bytes)
     read = []
-    for piece in source.split(desired_bundle_size=300):
-        read += list(piece.source.read(piece.source.get_range_tracker(piece.start_position, piece.stop_position)))
+    for piece in source.split(desired_bundle_size=piece_bytes):
+        for raw in piece.source.read(piece.source.get_range_tracker(piece.start_position, piece.stop_position)):
+            read += [(raw.source, o, n, t) for o, n, t in zip(raw.offsets, raw.lines, raw.data)]
     assert len(read) == 300
     assert sorted(text for _, _, _, text in read) == sorted(lines[1:])
     numbered = [line for _, _, line, _ in read if line is not None]
-    assert 0 < len(numbered) < 300  # only the first piece knows its line numbers
+    if not compressed:
+        assert 0 < len(numbered) < 300  # only the first piece knows its line numbers
     for _, offset, line, text in read:
         assert content[offset:].split(b"\n")[0].rstrip(b"\r") == text
         assert line is None or line == content[:offset].count(b"\n") + 1
+    return read
 
 
 def test_dead_letters_from_mid_file_pieces_get_their_line_numbers(tmp_path):

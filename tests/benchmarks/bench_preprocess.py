@@ -50,7 +50,7 @@ else is kept (same carriers, airports, fleet, schedule hours). Copies differ in 
 row hashes to its split independently, the vocabularies keep the real key sets with
 realistic counts (x3, spread over shifted days), and dow_x_hour sees more evenly spread
 cells. The x3 Parquet and CSV are written exactly like `embedpipe example-data` writes x1
-(pq.write_table defaults -- a single row group for both sizes -- and pyarrow.csv.write_csv).
+(`pipeline.synthetic.write_input_table`: Parquet row groups of 65,536 rows, and pyarrow.csv.write_csv).
 
 The equality check decodes every record of both outputs (train and eval separately) with the
 transformed feature spec and compares them as multisets of rows (the examples carry no row id;
@@ -87,6 +87,9 @@ VARIANTS = {
     "reference": [],
     "beam": [],
     "beam2": ["--direct_num_workers=2", "--direct_running_mode=multi_processing"],
+    # Not run by default (--threads): two worker threads in one process (the GIL is released by
+    # TensorFlow, tfx_bsl's encoder, Arrow and zlib, not by Beam's own per-element code).
+    "beam2t": ["--direct_num_workers=2", "--direct_running_mode=multi_threading"],
 }
 RESULT_TAG = "BENCH_RESULT "
 # tf.Transform computes mean/var per batch in float32 and merges the batches, so its variance
@@ -107,10 +110,10 @@ def input_path(work: str, scale: int, fmt: str) -> str:
 def prepare(work: str, scales: list[int]) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     from pipeline import datasets
+    from pipeline.synthetic import write_input_table
 
     os.makedirs(os.path.join(work, "input"), exist_ok=True)
     base = datasets.flights_table()
@@ -126,14 +129,26 @@ def prepare(work: str, scales: list[int]) -> None:
         table = pa.concat_tables(copies)
         for fmt in ("parquet", "csv"):
             path = input_path(work, scale, fmt)
-            if os.path.exists(path) and _rows_in(path) == table.num_rows:
+            if os.path.exists(path) and _rows_in(path) == table.num_rows and _row_groups_ok(path):
                 print(f"{path}: exists ({table.num_rows} rows)")
                 continue
-            pq.write_table(table, path) if fmt == "parquet" else pacsv.write_csv(table, path)  # as datasets.write_example
+            write_input_table(table, path)  # as `embedpipe example-data` writes x1
             print(f"{path}: {table.num_rows} rows, {os.path.getsize(path) / 1e6:.1f} MB")
     for scale in scales:
         meta = pq.ParquetFile(input_path(work, scale, "parquet")).metadata
         print(f"flights x{scale} parquet: {meta.num_rows} rows in {meta.num_row_groups} row group(s)")
+
+
+def _row_groups_ok(path: str) -> bool:
+    """False for a Parquet input written before example inputs had several row groups."""
+    import pyarrow.parquet as pq
+
+    from pipeline.synthetic import PARQUET_ROW_GROUP_ROWS
+
+    if not path.endswith(".parquet"):
+        return True
+    meta = pq.ParquetFile(path).metadata
+    return meta.num_rows <= PARQUET_ROW_GROUP_ROWS or meta.num_row_groups > 1
 
 
 def _rows_in(path: str) -> int:
@@ -514,9 +529,10 @@ def bench(work: str, scales: list[int], formats: list[str], repeats: int, varian
                 prepare(work, scales)
     results = []
     summary = []
+    by_input = {}
     for scale in scales:
         for fmt in formats:
-            runs = {v: [] for v in variants}
+            runs = by_input[scale, fmt] = {v: [] for v in variants}
             for rep in range(repeats):
                 order = variants[rep % len(variants):] + variants[: rep % len(variants)]
                 for variant in order:
@@ -535,6 +551,9 @@ def bench(work: str, scales: list[int], formats: list[str], repeats: int, varian
                     if variant != "reference":
                         compare_outputs(runs["reference"][-1]["out"], runs[variant][-1]["out"], f"x{scale} {fmt}: reference vs {variant}",
                                         runs["reference"][-1]["rows"], runs[variant][-1]["rows"])
+    for fmt in formats:
+        if len(scales) > 1:
+            summary.append(_summarise_marginal(fmt, by_input[min(scales), fmt], by_input[max(scales), fmt]))
     print("\nSummary (medians over the repetitions; 2-core machine shared with other work, so noisy):")
     for line in summary:
         print(line)
@@ -564,6 +583,32 @@ def _summarise(scale: int, fmt: str, runs: dict) -> str:
                      f"{statistics.median(paired):.3f} (median of paired ratios {', '.join(f'{p:.3f}' for p in paired)})")
     if "beam2" in runs and "reference" in runs:
         lines.append(f"  beam2 / reference: {med['beam2'] / med['reference']:.3f}")
+    return "\n".join(lines)
+
+
+def _summarise_marginal(fmt: str, small: dict, large: dict) -> str:
+    """Throughput on the rows beyond the smaller input: (rows_large - rows_small) / (t_large -
+    t_small) of the median work times, i.e. each variant's per-row speed with its fixed cost
+    (pipeline construction, graph tracing, SavedModel writes, worker start-up) taken out; and
+    that fixed cost, t_small - rows_small / marginal speed."""
+    rows = {k: next(iter(runs.values()))[0]["rows"]["read"] for k, runs in (("small", small), ("large", large))}
+    lines = [f"flights {fmt}: rows beyond the smaller input ({rows['large'] - rows['small']:,} rows), from the median work times"]
+    marginal = {}
+    for v in small:
+        t_small = statistics.median(r["work_s"] for r in small[v])
+        t_large = statistics.median(r["work_s"] for r in large[v])
+        if t_large <= t_small:
+            lines.append(f"  {v:<9} no estimate (the larger input did not take longer)")
+            continue
+        marginal[v] = (rows["large"] - rows["small"]) / (t_large - t_small)
+        fixed = t_small - rows["small"] / marginal[v]
+        lines.append(f"  {v:<9} {marginal[v]:>9,.0f} rows/s on the extra rows; fixed cost about {fixed:4.1f} s a run")
+    if "reference" in marginal and "beam" in marginal:
+        lines.append(f"  beam / reference on the extra rows: {marginal['beam'] / marginal['reference']:.3f}")
+    if "beam" in marginal:
+        for v in ("beam2", "beam2t"):
+            if v in marginal:
+                lines.append(f"  {v} / beam on the extra rows: {marginal[v] / marginal['beam']:.3f}")
     return "\n".join(lines)
 
 
@@ -766,11 +811,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="parquet", choices=["parquet", "csv"], help="check, profile")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-workers", action="store_true", help="bench: skip the 2-worker multi_processing runs")
+    parser.add_argument("--threads", action="store_true", help="bench: also run 2 workers as threads (multi_threading)")
     parser.add_argument("--no-check", action="store_true", help="bench: skip the equality check of the last outputs")
     parser.add_argument("--top", type=int, default=40, help="profile: functions listed")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     args = parser.parse_args(argv)
-    variants = ["reference", "beam"] + ([] if args.no_workers else ["beam2"])
+    variants = ["reference", "beam"] + ([] if args.no_workers else ["beam2"]) + (["beam2t"] if args.threads else [])
     if args.command in ("prepare", "all"):
         prepare(args.work, sorted(set(args.scales) | {args.scale}))
     if args.command == "compare":
