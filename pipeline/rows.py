@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,6 +34,8 @@ ARROW_TYPES = {"int": pa.int64(), "float": pa.float32(), "string": pa.large_bina
 _INT_PATTERN = r"^\s*[-+]?\d{1,18}(\.0*)?\s*$"
 _FLOAT_PATTERN = r"^\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*$"
 _BOM = b"\xef\xbb\xbf"
+# An empty or whitespace-only line, in a batch joined with LF that holds no CR.
+_BLANK_LINE = re.compile(rb"(?:^|\n)[ \t\x0b\x0c]*(?:\n|$)")
 
 # Dead-letter reasons (also the names of the Beam counters that count them, `dead_letter_<reason>`).
 EMPTY_LINE = "empty_line"  # an empty or whitespace-only CSV line
@@ -190,27 +193,30 @@ def _parse_csv(lines: list[bytes], config: DatasetConfig) -> tuple[pa.RecordBatc
     # Look for the rare bytes once in the whole batch, so that most lines pay for none of them.
     blob = b"\n".join(lines)
     cr, nul, quote, bom, again = (s in blob for s in (b"\r", b"\0", b'"', _BOM, header))
-    for i, line in enumerate(lines):
-        if cr and line.endswith(b"\r"):
-            line = line[:-1]  # a CRLF line ending the reader did not take off (a last line)
-        if bom and line.startswith(_BOM):
-            line = line[len(_BOM) :]  # a file's byte order mark, or one left inside by concatenating files
-        stripped = line.strip()
-        if not stripped:
-            rejects.append((i, EMPTY_LINE, "empty line" if not line else "whitespace-only line"))
-        elif nul and b"\0" in line:
-            rejects.append((i, MALFORMED_CSV, "NUL byte inside a line"))
-        elif cr and b"\r" in line:
-            # The parser would end a row there; Beam's line reader only splits on LF.
-            rejects.append((i, MALFORMED_CSV, "carriage return inside a line"))
-        elif quote and line.count(b'"') % 2:
-            # An unbalanced quote would make the parser swallow the following lines into one row.
-            rejects.append((i, MALFORMED_CSV, "unbalanced quote"))
-        elif again and stripped == header:
-            rejects.append((i, REPEATED_HEADER, "the header line again, inside the data"))
-        else:
-            kept.append(i)
-            text.append(line)
+    if not (cr or nul or quote or bom or again or _BLANK_LINE.search(blob)):
+        kept, text = list(range(len(lines))), list(lines)  # the usual batch: no line needs a look of its own
+    else:
+        for i, line in enumerate(lines):
+            if cr and line.endswith(b"\r"):
+                line = line[:-1]  # a CRLF line ending the reader did not take off (a last line)
+            if bom and line.startswith(_BOM):
+                line = line[len(_BOM) :]  # a file's byte order mark, or one left inside by concatenating files
+            stripped = line.strip()
+            if not stripped:
+                rejects.append((i, EMPTY_LINE, "empty line" if not line else "whitespace-only line"))
+            elif nul and b"\0" in line:
+                rejects.append((i, MALFORMED_CSV, "NUL byte inside a line"))
+            elif cr and b"\r" in line:
+                # The parser would end a row there; Beam's line reader only splits on LF.
+                rejects.append((i, MALFORMED_CSV, "carriage return inside a line"))
+            elif quote and line.count(b'"') % 2:
+                # An unbalanced quote would make the parser swallow the following lines into one row.
+                rejects.append((i, MALFORMED_CSV, "unbalanced quote"))
+            elif again and stripped == header:
+                rejects.append((i, REPEATED_HEADER, "the header line again, inside the data"))
+            else:
+                kept.append(i)
+                text.append(line)
     try:
         pa.array(text, pa.binary()).cast(pa.string())
     except pa.ArrowInvalid:

@@ -52,6 +52,18 @@ def test_each_defect_gets_its_reason_and_keeps_the_raw_row(tiny_config):
     assert good.column("distance").to_pylist() == [[100.0], [1000.0]]
 
 
+@pytest.mark.parametrize("blank", [b"", b"   ", b"\t", b"\x0b \x0c"])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_blank_lines_are_found_in_batches_with_no_other_rare_bytes(tiny_config, blank, where):
+    # No quote, CR, NUL, BOM or header anywhere: the batch takes the path that looks at no line
+    # on its own, which must still find an empty or whitespace-only line, first, inside or last.
+    lines = [b"1.5,AA,N1,Mon,3,100", b"2.5,UA,N2,Tue,4,200"]
+    lines.insert(where, blank)
+    parsed, dead = rows.parse_csv_lines(lines, tiny_config, "f.csv")
+    assert parsed.num_rows == 2 and [d.reason for d in dead] == [rows.EMPTY_LINE]
+    assert parsed.column("carrier").to_pylist() == ["AA", "UA"]
+
+
 def test_typed_parquet_batches_validate_and_fill_defaults(tiny_config):
     import dataclasses
 
