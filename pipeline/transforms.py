@@ -113,6 +113,9 @@ class _CsvLineBatches(filebasedsource.FileBasedSource):
     """
 
     def __init__(self, file_pattern: str, skip_header_lines: int, block_bytes: int = CSV_READ_BLOCK_BYTES):
+        if skip_header_lines not in (0, 1):
+            # A piece starting inside a longer header would not know to skip its later lines.
+            raise ValueError(f"skip_header_lines must be 0 or 1, got {skip_header_lines}")
         super().__init__(file_pattern)  # compression: AUTO, from the file name
         self._skip_header_lines = skip_header_lines
         self._block_bytes = block_bytes
@@ -129,7 +132,7 @@ class _CsvLineBatches(filebasedsource.FileBasedSource):
                     skipped = f.readline()
                     position += len(skipped)
                     line += 1
-            pending = b""
+            pending, started = b"", False
             while True:
                 block = f.read(self._block_bytes)
                 data = pending + block
@@ -143,8 +146,9 @@ class _CsvLineBatches(filebasedsource.FileBasedSource):
                 if block and b"\r" in data:
                     pieces = [p[:-1] if p.endswith(b"\r") else p for p in pieces]
                 for i in range(0, len(pieces), CSV_BATCH_LINES):
-                    batch = self._claim(range_tracker, offsets[i : i + CSV_BATCH_LINES])
+                    batch = self._claim(range_tracker, offsets[i : i + CSV_BATCH_LINES], started)
                     if batch:
+                        started = True
                         lines = [None] * len(batch) if line is None else range(line + i, line + i + len(batch))
                         yield rows.RawRows(file_name, pieces[i : i + len(batch)], lines, batch)
                     if len(batch) < len(offsets[i : i + CSV_BATCH_LINES]):
@@ -155,13 +159,22 @@ class _CsvLineBatches(filebasedsource.FileBasedSource):
                     line += len(pieces)
 
     @staticmethod
-    def _claim(range_tracker, offsets: list[int]) -> list[int]:
-        """The leading `offsets` that are this piece's, claimed by claiming the last of them. If
-        the claim fails, the piece was split meanwhile (never below a claimed position): the
-        offsets before the new stop are still this piece's."""
+    def _claim(range_tracker, offsets: list[int], started: bool) -> list[int]:
+        """The leading `offsets` that are this piece's: those before the range's stop, claimed
+        by claiming the last of them (`started`: an earlier claim of this piece succeeded).
+
+        A failed claim means the piece was split meanwhile, never at or below a position
+        already claimed, so the offsets before the new stop are still this piece's. They are
+        then marked as read (`set_current_position`) so that no later split can fall among
+        them, and the stop is read once more for a split that came in between. Before any
+        successful claim the tracker refuses every split, so there is nothing to mark.
+        """
         n = bisect.bisect_left(offsets, range_tracker.stop_position())
         if n and not range_tracker.try_claim(offsets[n - 1]):
             n = bisect.bisect_left(offsets, range_tracker.stop_position())
+            if n and started:
+                range_tracker.set_current_position(offsets[n - 1])
+                n = bisect.bisect_left(offsets, range_tracker.stop_position())
         return offsets[:n]
 
     def output_type_hint(self):
@@ -380,8 +393,10 @@ class WriteExamples(beam.PTransform):
 
 class _ExampleBatchSink(filebasedsink.FileBasedSink):
     """A FileBasedSink whose records are whole `(RecordBatch, passthrough)` pairs; each shard is a
-    gzip TFRecord file written by `tf.io.TFRecordWriter` (so on any path TensorFlow can write:
-    the trainer reads the same paths with tf.data)."""
+    gzip TFRecord file written by `tf.io.TFRecordWriter`, so on any path TensorFlow can write
+    (local, gs://; the trainer reads the same paths with tf.data). Beam's shard limits
+    (max_records_per_shard, max_bytes_per_shard) are not offered: they would count batches,
+    and Beam's byte counter wraps its own file handles."""
 
     def __init__(self, file_prefix: str):
         super().__init__(

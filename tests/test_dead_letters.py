@@ -277,6 +277,49 @@ def check_pieces(path, lines, block_bytes, piece_bytes, content=None):
     return read
 
 
+class SplitDuringClaim:
+    """An OffsetRangeTracker that is split at `splits[0]` just before its `at`-th claim and at
+    `splits[1]` just after it, as a runner's dynamic splits arriving while the reader works."""
+
+    def __init__(self, tracker, at, splits):
+        self.tracker, self.at, self.splits, self.claims = tracker, at, splits, 0
+
+    def try_claim(self, position):
+        self.claims += 1
+        if self.claims == self.at:
+            assert self.tracker.try_split(self.splits[0])
+        claimed = self.tracker.try_claim(position)
+        if self.claims == self.at:
+            self.tracker.try_split(self.splits[1])
+        return claimed
+
+    def __getattr__(self, name):
+        return getattr(self.tracker, name)
+
+
+@pytest.mark.parametrize("at", [2, 3])  # (no split is accepted before a first claim)
+@pytest.mark.parametrize("second", [0, 7])
+def test_reader_split_while_claiming_reads_every_line_once(tmp_path, at, second):
+    """Splits that land while the reader claims a batch: the piece keeps the lines before the
+    final stop, the residual reads from there, and no later split can fall among the lines
+    already handed out."""
+    lines = [b"h"] + [b"%05d" % i for i in range(100)]  # 6 bytes a line
+    path = tmp_path / "f.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    size = path.stat().st_size
+    [whole] = _CsvLineBatches(str(path), skip_header_lines=1, block_bytes=60).split(desired_bundle_size=2 * size)
+    source = whole.source  # the file's source, read 10 lines a batch
+    split_at = 2 + 6 * (10 * (at - 1) + 4) + 3  # inside the 5th line of the at-th batch
+    tracker = SplitDuringClaim(source.get_range_tracker(0, size), at, [split_at, split_at - second])
+    primary = [raw for raw in source.read(tracker)]
+    stop = tracker.stop_position()
+    residual = [t for raw in source.read(source.get_range_tracker(stop, size)) for t in raw.data]
+    assert stop <= split_at
+    assert [t for raw in primary for t in raw.data] + residual == lines[1:]
+    last = primary[-1].offsets[-1]
+    assert last < stop and tracker.try_split(last) is None and tracker.try_split(last - 3) is None
+
+
 def test_dead_letters_from_mid_file_pieces_get_their_line_numbers(tmp_path):
     """A file big enough to be read in several pieces: AddLineNumbers (blocks of 100 kB) fills in
     the lines the later pieces could not know."""

@@ -29,20 +29,26 @@ What runs:
   z-score with the train split's mean and population variance (tf.Transform: float32 mean/var,
   `(x - mean) / sqrt(var)` in float32, `x - mean` when var is 0), the label; then gzip TFRecords
   `train-00000-of-00001.tfrecord.gz` / `eval-...` (tf.io.TFRecordWriter, zlib's default level
-  like Beam's WriteToTFRecord; encoded and written 65,536 rows at a time), the vocabulary files
+  like the job's sink; encoded and written 65,536 rows at a time), the vocabulary files
   and id_counts.json.
   Reads run with use_threads=False (one core, like one Beam worker). `bucketize`, multiclass
   labels and crosses of float columns are not implemented (flights has none): it raises.
 * `beam` -- `pipeline.preprocess.preprocess(config, out)` (FnApiRunner, in-process, 1 worker).
 * `beam2` -- the same with `--direct_num_workers=2 --direct_running_mode=multi_processing`
-  (FnApiRunner reads both options itself; see the report for what it does with them).
+  (FnApiRunner reads both options itself: it starts two worker processes and splits each
+  stage's input between them; the workers import TensorFlow inside the timed work).
+* `beam2t` -- with `--threads`: two workers as threads of one process (multi_threading).
 
 Each run is a fresh subprocess (`_run`); the child times the work only (after its imports) and
 reports ru_maxrss; the parent also samples the RSS summed over the child's process tree every
 0.1 s (the multi_processing workers are grandchildren). rows/s = rows read / work seconds, the
 same numerator for every variant. Each repetition runs the variants in a rotated order
 (ABC, BCA, CAB, ...) so that drift on a shared machine hits all of them alike; the report gives
-medians and the median of the per-repetition paired ratios.
+medians and the median of the per-repetition paired ratios. With two or more scales it also
+gives each variant's throughput on the rows beyond the smallest input, (rows_large -
+rows_small) / (t_large - t_small), and the fixed cost per run that this implies: a Beam run
+pays several seconds whatever its size (pipeline construction, tf.Transform's tracing and
+SavedModel writes, about a hundred fused stages, worker start-up), which dominates at 1M rows.
 
 Flights x3 (1,010,328 rows): the 2013 rows three times, copy k re-dated to year 2013+k, i.e. its
 day of week shifted by k days (2014 and 2015 start one and two weekdays later); everything
