@@ -207,7 +207,7 @@ def _parse_csv(lines: list[bytes], config: DatasetConfig) -> tuple[pa.RecordBatc
             elif nul and b"\0" in line:
                 rejects.append((i, MALFORMED_CSV, "NUL byte inside a line"))
             elif cr and b"\r" in line:
-                # The parser would end a row there; Beam's line reader only splits on LF.
+                # The parser would end a row there; the line reader (_CsvLineBatches) only splits on LF.
                 rejects.append((i, MALFORMED_CSV, "carriage return inside a line"))
             elif quote and line.count(b'"') % 2:
                 # An unbalanced quote would make the parser swallow the following lines into one row.

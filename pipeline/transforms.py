@@ -452,7 +452,7 @@ def _count_reason(letter: rows.DeadLetter) -> rows.DeadLetter:
 class AddLineNumbers(beam.PTransform):
     """Fills in `line` for CSV dead letters that only know their byte `offset`.
 
-    Those are rows read by a worker that started mid-file (`_LinesWithPosition`). Their line is
+    Those are rows read by a worker that started mid-file (`_CsvLineBatches`). Their line is
     1 + the newlines before the offset: each file is cut into blocks of `block_size` bytes,
     every block before the last one holding such a row has its newlines counted (in parallel),
     and each block holding such rows is read once more up to its last one. This reads only
