@@ -15,7 +15,9 @@ setup(
     packages=find_packages(include=["pipeline", "pipeline.*", "trainer", "trainer.*", "schemas", "schemas.*"]),
     package_data={"schemas": ["*.yaml", "data/*.csv"]},
     install_requires=[
-        "apache-beam[gcp]>=2.60,<3",
+        # Exactly the SDK in deploy/dataflow/Dockerfile: a Flex Template launcher and its workers
+        # must run the same Beam, and tests/test_deploy.py checks the installed one is it.
+        "apache-beam[gcp]==2.77.0",
         "tensorflow>=2.21,<2.22",
         "tensorflow-transform>=1.21,<1.22",
         "tfx-bsl>=1.21,<1.22",

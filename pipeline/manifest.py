@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from importlib import metadata
 
 import tensorflow as tf
@@ -29,10 +30,7 @@ def package_versions() -> dict[str, str]:
 
 def read_manifest(output_dir: str) -> dict:
     path = os.path.join(output_dir, MANIFEST)
-    if not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    return read_json(path) if tf.io.gfile.exists(path) else {}
 
 
 def drop_sections(output_dir: str, sections) -> None:
@@ -53,7 +51,18 @@ def update_manifest(output_dir: str, section: str, data: dict) -> dict:
 
 def _write(output_dir: str, manifest: dict) -> None:
     tf.io.gfile.makedirs(output_dir)
-    path = os.path.join(output_dir, MANIFEST)
-    with tf.io.gfile.GFile(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    write_json_atomically(os.path.join(output_dir, MANIFEST), manifest)
+
+
+def read_json(path: str) -> dict:
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def write_json_atomically(path: str, data: dict) -> None:
+    """Writes `data` to a temporary name and renames it over `path`: readers see the old file or
+    the new one, never a partial one."""
+    temp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with tf.io.gfile.GFile(temp, "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tf.io.gfile.rename(temp, path, overwrite=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -72,6 +73,12 @@ def examples_pattern(output_dir: str, split: str) -> str:
 
 def id_counts_path(output_dir: str) -> str:
     return os.path.join(preprocess_dir(output_dir), "id_counts.json")
+
+
+def read_id_counts(output_dir: str) -> dict[str, dict[str, int]]:
+    """{table: {row id: occurrences in the training split}}, as `CountIds` wrote it."""
+    with tf.io.gfile.GFile(id_counts_path(output_dir)) as f:
+        return json.load(f)
 
 
 def raw_feature_spec(config: Config, include_label: bool = True) -> dict:

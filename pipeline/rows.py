@@ -141,7 +141,7 @@ def parse_and_validate(raw: RawRows, config: DatasetConfig) -> tuple[pa.RecordBa
         batch, kept, rejects = _parse_csv(raw.data, config)
     else:
         batch, kept, rejects = raw.data, None, []
-    good, invalid = _validate(batch, config, raw.source)
+    good, invalid = _validate(batch, config)
     rejects += [(i if kept is None else kept[i], reason, detail) for i, reason, detail in invalid]
     return good, raw.dead_letters(rejects)
 
@@ -343,15 +343,13 @@ def validate_batch(batch: pa.RecordBatch, config: Config, source: str) -> tuple[
     its declared type. The dead letters hold the row's values (`parse_and_validate` gives CSV
     rows their raw line instead).
     """
-    good, rejects = _validate(batch, config, source)
+    good, rejects = _validate(batch, config)
     return good, RawRows(source, batch, [None] * batch.num_rows).dead_letters(rejects)
 
 
-def _validate(batch: pa.RecordBatch, config: DatasetConfig, source: str) -> tuple[pa.RecordBatch, list[Reject]]:
-    """(canonical batch of the good rows, rejects) for `validate_batch`."""
-    missing = [c for c in config.raw_columns if c not in batch.schema.names]
-    if missing:
-        raise InputError(f"{source}: columns {missing} declared in {config.source} are not in the data")
+def _validate(batch: pa.RecordBatch, config: DatasetConfig) -> tuple[pa.RecordBatch, list[Reject]]:
+    """(canonical batch of the good rows, rejects) for `validate_batch`. The columns were
+    checked once before the job (`check_input_file`)."""
     n = batch.num_rows
     limit = config.input.max_field_bytes
     reasons = np.full(n, "", dtype=object)

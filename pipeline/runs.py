@@ -35,15 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import re
-import uuid
 
 import tensorflow as tf
 
-from pipeline.manifest import read_manifest, update_manifest
+from pipeline.manifest import read_json, read_manifest, update_manifest, write_json_atomically
 from schemas.config import CollaborativeConfig, Config, TableInit
 
 _LOG = logging.getLogger(__name__)
@@ -81,7 +79,7 @@ def prepare(root: str, run_id: str, config_digest: str) -> bool:
     """Gets `runs/<run_id>/` ready for a run; True when it is already complete (nothing to do)."""
     path = run_dir(root, run_id)
     if is_complete(path):
-        done = _read_json(os.path.join(path, COMPLETE))
+        done = read_json(os.path.join(path, COMPLETE))
         if done.get("config_sha256") != config_digest:
             raise RunError(
                 f"{path} is a complete run made with another config (sha256 {done.get('config_sha256', '?')[:12]}, "
@@ -149,9 +147,9 @@ def publish(
             drift.check_thresholds(section, drift_limits, source)
     if not is_complete(path):
         digest = config_digest or manifest["preprocess"].get("config", {}).get("sha256", "")
-        _write_atomically(os.path.join(path, COMPLETE), {"run_id": run_id, "completed_at": now, "config_sha256": digest})
+        write_json_atomically(os.path.join(path, COMPLETE), {"run_id": run_id, "completed_at": now, "config_sha256": digest})
     pointer = {"run_id": run_id, "run_dir": f"{RUNS}/{run_id}", "published_at": now}
-    _write_atomically(os.path.join(root, LATEST), pointer)
+    write_json_atomically(os.path.join(root, LATEST), pointer)
     return pointer
 
 
@@ -160,7 +158,7 @@ def latest(root: str) -> str | None:
     pointer_path = os.path.join(root, LATEST)
     if not tf.io.gfile.exists(pointer_path):
         return None
-    pointer = _read_json(pointer_path)
+    pointer = read_json(pointer_path)
     path = os.path.join(root, pointer["run_dir"])
     if not is_complete(path):
         raise RunError(f"{pointer_path} points at {path}, which is not a complete run")
@@ -199,16 +197,11 @@ def resolve_run(path: str) -> str:
     return resolve(path)
 
 
-def _read_json(path: str) -> dict:
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def _write_atomically(path: str, data: dict) -> None:
-    temp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(temp, "w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(temp, path, overwrite=True)
+def table_manifest(path: str) -> dict | None:
+    """The manifest of the exported table at `path` (a `.../LATEST/...` path resolved), None
+    when there is no table there."""
+    manifest = os.path.join(resolve(path), "manifest.json")
+    return read_json(manifest) if tf.io.gfile.exists(manifest) else None
 
 
 def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | CollaborativeConfig:
@@ -224,10 +217,9 @@ def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | Coll
 
     def source(name: str, dim, hash_rows: int | None) -> TableInit | None:
         path = os.path.join(previous, "export", name)
-        if not tf.io.gfile.exists(os.path.join(path, "manifest.json")):
+        old = table_manifest(path)
+        if old is None:
             return None
-        with tf.io.gfile.GFile(os.path.join(path, "manifest.json")) as f:
-            old = json.load(f)
         kind_changed = (hash_rows is not None) != (old.get("kind") == "hash")
         if (dim != "auto" and int(dim) != old["dim"]) or kind_changed or (hash_rows is not None and hash_rows != old["rows"]):
             _LOG.warning("warm start: %s no longer fits %s (dim, type or buckets changed); it starts fresh", name, path)

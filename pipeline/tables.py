@@ -12,11 +12,8 @@ manifest, the trainer (table sizes) and the exporter (row keys):
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 
-import tensorflow as tf
 import tensorflow_transform as tft
 
 from pipeline import runs
@@ -81,11 +78,8 @@ def table_specs(config: Config | CollaborativeConfig, tft_output: tft.TFTransfor
 def _source_dim(path: str) -> int:
     """The dim of the exported table an `init_from` names (`auto` follows it), else 0 so that
     the trainer reports the missing table with the config field."""
-    manifest = os.path.join(runs.resolve(path), "manifest.json")
-    if not tf.io.gfile.exists(manifest):
-        return 0
-    with tf.io.gfile.GFile(manifest) as f:
-        return int(json.load(f)["dim"])
+    manifest = runs.table_manifest(path)
+    return 0 if manifest is None else int(manifest["dim"])
 
 
 def table_keys(spec: TableSpec, tft_output: tft.TFTransformOutput) -> list[str]:

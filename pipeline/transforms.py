@@ -91,7 +91,8 @@ class ReadRawLogs(beam.PTransform):
         return (
             pbegin
             | "ReadParquet" >> beam.io.Read(_ParquetRowGroups(inp.path, self.config.raw_columns))
-            | "BatchRows" >> beam.ParDo(_BatchParquetRows()).with_outputs(DEAD, main="rows")
+            | "BatchRows" >> beam.FlatMap(_parquet_raw_rows)
+            | "CountRows" >> beam.ParDo(_CountRows()).with_outputs(DEAD, main="rows")
         )
 
 
@@ -227,23 +228,13 @@ class _ParquetRowGroups(filebasedsource.FileBasedSource):
         return Any
 
 
-class _BatchParquetRows(beam.DoFn):
+def _parquet_raw_rows(element):
     """`(file, first row, Table)` -> `RawRows` of at most PARQUET_BATCH_ROWS rows."""
-
-    def __init__(self):
-        self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
-
-    def setup(self):
-        self._progress = _ReadProgress()
-
-    def process(self, element):
-        source, first_row, table = element
-        self.rows_read.inc(table.num_rows)
-        self._progress.add(table.num_rows, source)
-        for batch in table.to_batches(max_chunksize=PARQUET_BATCH_ROWS):
-            if batch.num_rows:
-                yield rows.RawRows(source, batch, range(first_row, first_row + batch.num_rows))
-                first_row += batch.num_rows
+    source, first_row, table = element
+    for batch in table.to_batches(max_chunksize=PARQUET_BATCH_ROWS):
+        if batch.num_rows:
+            yield rows.RawRows(source, batch, range(first_row, first_row + batch.num_rows))
+            first_row += batch.num_rows
 
 
 class ParseAndValidate(beam.PTransform):
@@ -492,14 +483,20 @@ def _seekable(source: str) -> bool:
     return CompressionTypes.detect_compression_type(source) == CompressionTypes.UNCOMPRESSED
 
 
-def _count_newlines(source: str, start: int, length: int) -> int | None:
+def _read_range(source: str, start: int, length: int) -> bytes | None:
+    """`length` bytes of `source` from `start`, None (with a warning) if it cannot be read again."""
     try:
         with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             f.seek(start)
-            return f.read(length).count(b"\n")
+            return f.read(length)
     except OSError as e:
         _LOG.warning("dead letters of %s keep no line number: %s", source, e)
         return None
+
+
+def _count_newlines(source: str, start: int, length: int) -> int | None:
+    data = _read_range(source, start, length)
+    return None if data is None else data.count(b"\n")
 
 
 def _prefix_sums(counts) -> list[int | None]:
@@ -519,14 +516,7 @@ def _resolve_lines(element, size: int, newlines_before: dict):
     sums = newlines_before.get(source, [0])
     before = sums[block] if block < len(sums) else None
     start = block * size
-    data = None
-    if before is not None:
-        try:
-            with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                f.seek(start)
-                data = f.read(letters[-1].offset - start)
-        except OSError as e:
-            _LOG.warning("dead letters of %s keep no line number: %s", source, e)
+    data = None if before is None else _read_range(source, start, letters[-1].offset - start)
     if data is None:
         yield from letters
         return

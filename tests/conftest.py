@@ -9,14 +9,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tf.Transform's test case reads absl flags (temp dirs); under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+from support import TINY_YAML
 
 
 @pytest.fixture
 def tiny_config():
     from schemas.config import load_config
 
-    return load_config(os.path.join(FIXTURES, "tiny.yaml"))
+    return load_config(TINY_YAML)
 
 
 @pytest.fixture

@@ -16,8 +16,10 @@ from pipeline.transforms import EVAL, TRAIN
 from schemas.config import load_config
 from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
+from support import TINY_WATCH_YAML
 
-CONFIG = open(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_watch.yaml")).read()
+with open(TINY_WATCH_YAML) as _f:
+    CONFIG = _f.read()
 
 
 def test_temporal_holdout_keeps_the_future_out_of_training(write_config):

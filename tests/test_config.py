@@ -3,20 +3,9 @@
 import pytest
 
 from pipeline import cli
-from schemas.config import AUTO_DIM_MAX, ConfigError, auto_embedding_dim, load_config
-
-GOOD = """
-name: t
-input:
-  format: csv
-  path: data.csv
-  columns: {y: float, a: string, b: int, f: float}
-label: {column: y, task: regression}
-categorical:
-  a: {type: vocabulary, top_k: 10}
-crosses:
-  a_x_b: {columns: [a, b], type: hash, hash_buckets: 32}
-"""
+from schemas.config import AUTO_DIM_MAX, auto_embedding_dim, load_config
+from support import SMALL_CONFIG as GOOD
+from support import config_error
 
 
 @pytest.mark.parametrize("name", ["taxi", "flights"])
@@ -65,11 +54,7 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
 )
 def test_bad_config_names_the_field(write_config, old, new, field):
     assert old in GOOD
-    path = write_config(GOOD.replace(old, new))
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert str(err.value).startswith(f"{path}: ")
-    assert field in str(err.value)
+    assert field in config_error(write_config(GOOD.replace(old, new)))
 
 
 def test_cli_reports_bad_config_in_one_line(write_config, capsys):

@@ -22,9 +22,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from pipeline import rows
 from pipeline.preprocess import LOCAL_RUNNER, preprocess
 from pipeline.transforms import DEAD, AddLineNumbers, ParseAndValidate, ReadRawLogs, _CsvLineBatches
-from schemas.config import ConfigError, load_config
+from schemas.config import load_config
+from support import FIXTURES, TINY_YAML, config_error, tiny_yaml_text
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 HEADER = b"delay,carrier,tail,day,hour,distance"
 MAX_FIELD_BYTES = 1000
 BOOM = "BOOM"  # a carrier that makes validation raise (see `fail_on_boom`): the unexpected error
@@ -101,9 +101,8 @@ def make_corpus(path: str) -> list[tuple[int, int, str, bytes]]:
     return out
 
 
-def corpus_config(tmp_path, csv_path: str, **extra):
-    text = open(os.path.join(FIXTURES, "tiny.yaml")).read().replace("path: tiny.csv", f"path: {csv_path}")
-    text = text.replace("  columns:\n", f"  max_field_bytes: {MAX_FIELD_BYTES}\n  max_bad_fraction: 0.5\n  columns:\n")
+def corpus_config(tmp_path, csv_path: str):
+    text = tiny_yaml_text(max_field_bytes=MAX_FIELD_BYTES, max_bad_fraction=0.5).replace("path: tiny.csv", f"path: {csv_path}")
     path = tmp_path / "corpus.yaml"
     path.write_text(text)
     return load_config(str(path))
@@ -113,10 +112,10 @@ def plant_failure(monkeypatch):
     """Makes validation raise (a stand-in for a bug) on any batch holding carrier BOOM."""
     validate = rows._validate
 
-    def failing(batch, config, source):
+    def failing(batch, config):
         if BOOM in batch.column("carrier").to_pylist():
             raise RuntimeError("planted failure")
-        return validate(batch, config, source)
+        return validate(batch, config)
 
     monkeypatch.setattr(rows, "_validate", failing)
 
@@ -224,18 +223,13 @@ def test_max_bad_fraction_fails_with_one_clear_line(tiny_config):
     ],
 )
 def test_limits_are_validated_at_load(write_config, field, value, problem):
-    text = open(os.path.join(FIXTURES, "tiny.yaml")).read().replace("  columns:\n", f"  {field}: {value}\n  columns:\n")
-    path = write_config(text)
-    with pytest.raises(ConfigError) as e:
-        load_config(path)
-    assert str(e.value) == f"{path}: input.{field}: {problem}"
+    path = write_config(tiny_yaml_text(**{field: value}))
+    assert config_error(path) == f"{path}: input.{field}: {problem}"
 
 
 def test_limits_default_and_load(tiny_config, write_config):
     assert (tiny_config.input.max_field_bytes, tiny_config.input.max_bad_fraction) == (65536, 0.1)
-    text = open(os.path.join(FIXTURES, "tiny.yaml")).read()
-    text = text.replace("  columns:\n", "  max_bad_fraction: 0\n  max_field_bytes: 10\n  columns:\n")
-    config = load_config(write_config(text))
+    config = load_config(write_config(tiny_yaml_text(max_bad_fraction=0, max_field_bytes=10)))
     assert (config.input.max_field_bytes, config.input.max_bad_fraction) == (10, 0.0)
 
 
@@ -330,7 +324,7 @@ def test_dead_letters_from_mid_file_pieces_get_their_line_numbers(tmp_path):
         lines.append(b",".join(real[rng.randrange(len(real))]) if rng.random() > 0.001 else b"1,2,3")
     path = tmp_path / "big.csv"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    config = load_config(os.path.join(FIXTURES, "tiny.yaml")).with_input_path(str(path))
+    config = load_config(TINY_YAML).with_input_path(str(path))
     expected = [(i + 1, rows.MALFORMED_CSV) for i, line in enumerate(lines) if line == b"1,2,3"]
     with TestPipeline(runner=LOCAL_RUNNER) as p:
         read = p | ReadRawLogs(config)

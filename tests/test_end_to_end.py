@@ -12,12 +12,13 @@ import tensorflow as tf
 from pipeline import cli, rows, runs
 from schemas.config import auto_embedding_dim
 from trainer.tables import load_table
+from support import TINY_YAML
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
-    config = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+    config = TINY_YAML
     manifest = cli.run_all(["--config", config, "--output", out, "--run-id", "r1", "--epochs", "2"])
     return out, manifest
 
@@ -96,7 +97,7 @@ def test_a_run_is_published_and_rerunning_its_id_is_idempotent(run_dir, capsys):
     # downstream code reads "latest" through the pointer
     hour = load_table(os.path.join(out, "LATEST", "export", "hour"))
     np.testing.assert_array_equal(hour.vectors, load_table(manifest["export"]["tables"]["hour"]).vectors)
-    config = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+    config = TINY_YAML
     again = cli.run_all(["--config", config, "--output", out, "--run-id", "r1", "--epochs", "2"])
     assert "already complete" in capsys.readouterr().out and again == manifest
     with pytest.raises(runs.RunError, match="complete run made with another config"):
@@ -109,7 +110,7 @@ def test_a_run_is_published_and_rerunning_its_id_is_idempotent(run_dir, capsys):
 
 def test_the_same_input_config_and_seed_give_identical_outputs(run_dir):
     out, manifest = run_dir
-    config = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+    config = TINY_YAML
     again = cli.run_all(["--config", config, "--output", out, "--run-id", "r2", "--epochs", "2"])
     first, second = (os.path.join(out, "runs", r, "preprocess", "transform", "transform_fn", "assets") for r in ("r1", "r2"))
     assert sorted(os.listdir(first)) == sorted(os.listdir(second)) == ["carrier", "day_x_hour"]
@@ -125,7 +126,7 @@ def test_the_same_input_config_and_seed_give_identical_outputs(run_dir):
 def test_warm_start_begins_from_the_published_tables_by_key(run_dir):
     out, _ = run_dir
     previous = runs.latest(out)
-    config = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+    config = TINY_YAML
     warm = cli.run_all(["--config", config, "--output", out, "--run-id", "w1", "--warm-start", "--epochs", "1"])
     transfer = warm["train"]["transfer"]
     assert set(transfer) == {"carrier", "tail", "hour", "day_x_hour", "day_x_carrier"}  # bucket tables have no init

@@ -12,6 +12,7 @@ so examples and dead letters are compared as sorted multisets.
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import tensorflow as tf
 
 from pipeline import preprocess
 
-TINY = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+from support import TINY_WATCH_YAML, TINY_YAML as TINY
 STARTUP_TIMEOUT_S = 60
 JOB_TIMEOUT_S = 300
 
@@ -221,8 +222,7 @@ def test_portable_runner_matches_local_runner_collaborative(portable, tmp_path):
 
     logs = synthetic.generate_watch_logs(num_users=60, num_items=40, num_groups=3, mean_interactions=8, seed=3)
     synthetic.write_watch_logs(logs, str(tmp_path))
-    with open(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_watch.yaml")) as f:
-        (tmp_path / "watch.yaml").write_text(f.read())
+    shutil.copy(TINY_WATCH_YAML, tmp_path / "watch.yaml")
     config = str(tmp_path / "watch.yaml")
     local_out, portable_out = str(tmp_path / "local"), str(tmp_path / "portable")
     local = preprocess.run(["--config", config, "--output", local_out])

@@ -17,17 +17,20 @@ from pipeline.tables import TableSpec
 from trainer.export import write_table
 from trainer.tables import load_table
 
-TINY = os.path.join(os.path.dirname(__file__), "fixtures", "tiny.yaml")
+from support import TINY_YAML as TINY
 
 
-def _fake_run(root, run_id, digest="abc"):
-    """A finished run directory with one exported table, as the stages would leave it."""
+def _fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>")):
+    """A finished run directory with one exported vocabulary table (its last key the OOV row),
+    as the stages would leave it."""
     path = runs.run_dir(str(root), run_id)
-    spec = TableSpec("t", "vocabulary", ("c",), 3, 2, 2, 1)
-    table = write_table(os.path.join(path, "export", "t"), spec, ["a", "b", "<OOV 0>"], np.eye(3, 2, dtype=np.float32), np.ones(3, np.int64), {})
+    spec = TableSpec(table, "vocabulary", ("c",), len(keys), 2, len(keys) - 1, 1)
+    written = write_table(
+        os.path.join(path, "export", table), spec, list(keys), np.eye(len(keys), 2, dtype=np.float32), np.ones(len(keys), np.int64), {}
+    )
     update_manifest(path, "preprocess", {"config": {"sha256": digest}})
     update_manifest(path, "train", {})
-    update_manifest(path, "export", {"tables": {"t": table}})
+    update_manifest(path, "export", {"tables": {table: written}})
     return path
 
 
@@ -143,12 +146,7 @@ def test_warm_start_skips_a_table_whose_config_changed(tmp_path):
 
     from schemas.config import load_config
 
-    path = runs.run_dir(str(tmp_path), "yesterday")
-    spec = TableSpec("carrier", "vocabulary", ("carrier",), 3, 2, 2, 1)
-    write_table(os.path.join(path, "export", "carrier"), spec, ["AA", "UA", "<OOV 0>"], np.ones((3, 2), np.float32), np.ones(3, np.int64), {})
-    update_manifest(path, "preprocess", {"config": {"sha256": "abc"}})
-    update_manifest(path, "train", {})
-    update_manifest(path, "export", {"tables": {"carrier": os.path.join(path, "export", "carrier")}})
+    path = _fake_run(tmp_path, "yesterday", table="carrier", keys=("AA", "UA", "<OOV 0>"))
     runs.publish(str(tmp_path), "yesterday")
     config = load_config(TINY)
     warm = {f.name: f.init_from for f in runs.warm_start(config, str(tmp_path)).categorical}

@@ -52,16 +52,15 @@ def compare_runs(run_dir: str, previous_dir: str) -> dict:
 def compare_tables(new: EmbeddingTable, old: EmbeddingTable) -> dict:
     """Drift of one table (see the module docstring)."""
     new_keys, old_keys = set(new.keys[: new.real_rows]), set(old.keys[: old.real_rows])
-    added, removed = new_keys - old_keys, old_keys - new_keys
+    keyed = new.manifest.get("kind") not in ("hash", "bucket")  # `<hash 3>` names a bucket, not a value
+    added, removed = (new_keys - old_keys, old_keys - new_keys) if keyed else (None, None)
     total_new = max(int(new.frequencies.sum()), 1)
     total_old = max(int(old.frequencies.sum()), 1)
     new_share = {k: f / total_new for k, f in zip(new.keys, new.frequencies.tolist())}
     old_share = {k: f / total_old for k, f in zip(old.keys, old.frequencies.tolist())}
     linf = max((abs(new_share.get(k, 0.0) - old_share.get(k, 0.0)) for k in set(new_share) | set(old_share)), default=0.0)
-    new_traffic = sum(new_share[k] for k in added)
-    if new.manifest.get("kind") in ("hash", "bucket"):  # `<hash 3>` names a bucket, not a value
-        added, removed, new_traffic = None, None, None
-    common = [k for k in new.keys[: new.real_rows] if k in old_keys]  # new table's row order: most frequent first
+    new_traffic = sum(new_share[k] for k in added) if keyed else None
+    common = [k for k in new.keys[: new.real_rows] if k in old_keys]
     common.sort(key=lambda k: -new.frequencies[new.row(k)])
     overlap = _neighbor_overlap(new, old, common[:NEIGHBOR_SAMPLE])
     return {
@@ -95,7 +94,7 @@ def check_thresholds(drift: dict, limits, source: str) -> None:
     checks = (
         ("max_new_key_traffic", "new_key_traffic", lambda v, lim: v > lim, "of the training rows are on keys the last run did not have"),
         ("max_frequency_linf", "frequency_linf", lambda v, lim: v > lim, "is the largest change of a key's share"),
-        ("min_neighbor_overlap", "neighbor_overlap", lambda v, lim: v < lim, "of the top-10 neighbours are unchanged"),
+        ("min_neighbor_overlap", "neighbor_overlap", lambda v, lim: v < lim, f"of the top-{NEIGHBOR_K} neighbours are unchanged"),
     )
     for field, metric, breached, meaning in checks:
         limit = getattr(limits, field)

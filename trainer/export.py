@@ -66,8 +66,7 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
     """Writes every table of the trained model; returns the manifest section."""
     started = time.time()
     tft_output = tft.TFTransformOutput(pre.transform_dir(output_dir))
-    with tf.io.gfile.GFile(pre.id_counts_path(output_dir)) as f:
-        id_counts = json.load(f)
+    id_counts = pre.read_id_counts(output_dir)
     run = read_manifest(output_dir)
     trained, model_path = _trained_tables(config, output_dir, run)
     source = {
@@ -144,13 +143,13 @@ def write_table(
 
     `labels` (one per row, e.g. item titles) add a `label` column to the projector metadata.
     """
+    if vectors.size >= 2**31:  # list<float32> has int32 offsets; checked before anything is written
+        raise ValueError(f"table {spec.name}: {vectors.shape} is too large for one Parquet list<float32> column")
     tf.io.gfile.makedirs(path)
     escaped = [escape_key(k) for k in keys]
     _write_text(os.path.join(path, FILES["keys"]), "".join(k + "\n" for k in escaped))
     with tf.io.gfile.GFile(os.path.join(path, FILES["vectors"]), "wb") as f:
         np.save(f, vectors, allow_pickle=False)
-    if vectors.size >= 2**31:  # list<float32> has int32 offsets
-        raise ValueError(f"table {spec.name}: {vectors.shape} is too large for one Parquet list<float32> column")
     table = pa.table(
         {
             "key": pa.array(keys, pa.string()),

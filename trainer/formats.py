@@ -37,7 +37,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer.tables import escape_key
+from trainer.tables import bad_vocabulary_key, escape_key
 
 CHECKPOINT = "embedding.ckpt"
 CHECKPOINT_FILES = {
@@ -60,10 +60,10 @@ def write_checkpoint(path: str, name: str, vectors: np.ndarray) -> dict[str, str
 def write_vocabulary(path: str, table: str, keys: list[str], vocabulary_size: int) -> str:
     """The raw keys of the vocabulary rows, one per line (line-based, so no key may hold CR/LF)."""
     vocabulary = keys[:vocabulary_size]
-    bad = [k for k in vocabulary if "\n" in k or "\r" in k or not k]
-    if bad:
+    bad = bad_vocabulary_key(vocabulary)
+    if bad is not None:
         raise ValueError(
-            f"table {table}: key {bad[0]!r} is empty or contains a line break and cannot be written to a "
+            f"table {table}: key {bad!r} is empty or contains a line break and cannot be written to a "
             "vocabulary file (tf.Transform never puts such values in a vocabulary)"
         )
     with tf.io.gfile.GFile(os.path.join(path, VOCABULARY), "w") as f:

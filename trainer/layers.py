@@ -26,7 +26,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from trainer.tables import EmbeddingTable, load_table
+from trainer.tables import EmbeddingTable, bad_vocabulary_key, load_table
 
 
 def embedding_layer(
@@ -40,7 +40,7 @@ def embedding_layer(
     """
     if isinstance(table, str):
         table = load_table(table)
-    kind, oov, real = table.manifest["kind"], table.manifest.get("oov_rows") or 0, table.real_rows
+    kind, oov, real = table.manifest["kind"], table.oov_rows, table.real_rows
     key_dtype = key_dtype or ("int64" if kind == "identity" else "string")
     if key_dtype not in ("string", "int64"):
         raise ValueError(f"key_dtype must be 'string' or 'int64', got {key_dtype!r}")
@@ -56,9 +56,9 @@ def embedding_layer(
                 vocabulary = [str(i) for i in vocabulary]
         else:
             vocabulary = table.keys[:real]
-            bad = [k for k in vocabulary if "\n" in k or "\r" in k or not k]
-            if bad:
-                raise ValueError(f"table {table.name}: key {bad[0]!r} cannot be held by a Keras lookup layer")
+            bad = bad_vocabulary_key(vocabulary)
+            if bad is not None:
+                raise ValueError(f"table {table.name}: key {bad!r} cannot be held by a Keras lookup layer")
             if key_dtype == "int64":
                 try:
                     vocabulary = np.array([int(k) for k in vocabulary], dtype=np.int64)

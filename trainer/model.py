@@ -76,15 +76,21 @@ def build_model(
 
 
 def set_table_rows(model: keras.Model, table: str, rows: np.ndarray, vectors: np.ndarray) -> None:
-    """Overwrites rows `rows` of table `table` with `vectors` ([len(rows), dim]); other rows keep
-    their values. Works on frozen tables too (it assigns the weights, no optimizer involved)."""
-    layer = model.get_layer(embedding_layer_name(table))
-    matrix = np.array(layer.get_weights()[0])
+    """Overwrites rows `rows` of table `table` with `vectors` ([len(rows), dim]); see `set_rows`."""
+    set_rows(model.get_layer(embedding_layer_name(table)), rows, vectors)
+
+
+def set_rows(layer: keras.layers.Embedding, rows: np.ndarray, vectors: np.ndarray) -> None:
+    """Overwrites rows `rows` of an embedding layer with `vectors` ([len(rows), dim]); other rows
+    keep their values. Works on frozen tables too (it assigns the weights, no optimizer involved)."""
+    if not layer.built:
+        layer.build((None,))
+    matrix = np.array(layer.embeddings.numpy())
     rows = np.asarray(rows, dtype=np.int64)
     if vectors.shape != (len(rows), matrix.shape[1]):
-        raise ValueError(f"table {table}: {len(rows)} rows of dim {matrix.shape[1]} expected, got vectors {vectors.shape}")
+        raise ValueError(f"table {layer.name}: {len(rows)} rows of dim {matrix.shape[1]} expected, got vectors {vectors.shape}")
     matrix[rows] = vectors
-    layer.set_weights([matrix])
+    layer.embeddings.assign(matrix)
 
 
 def headline_metric(task: str) -> str:

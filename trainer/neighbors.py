@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from pipeline.runs import resolve
 from trainer.tables import EmbeddingTable, load_table
 
 _LOG = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ def run_neighbors(argv: list[str] | None = None) -> dict:
         parser.error("give one or more keys, or --all")
     table = load_table(args.table)
     if args.all:
-        default = os.path.join(resolve(args.table), "neighbors.parquet")
+        default = os.path.join(table.path, "neighbors.parquet")
         return {"all": write_all_neighbors(table, args.k, args.output or default)}
     index = NeighborIndex(table)
     return {"neighbors": {key: index.neighbors(key, args.k) for key in args.keys}}
@@ -214,5 +213,5 @@ def run_clusters(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", help="Parquet path (default: TABLE/clusters.parquet)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    default = os.path.join(resolve(args.table), "clusters.parquet")
-    return write_clusters(load_table(args.table), args.k, args.output or default, args.seed)
+    table = load_table(args.table)
+    return write_clusters(table, args.k, args.output or os.path.join(table.path, "clusters.parquet"), args.seed)

@@ -37,6 +37,7 @@ import tensorflow as tf
 from pipeline.manifest import read_manifest
 from pipeline.runs import resolve_run
 from schemas.config import auto_embedding_dim
+from trainer.drift import NEIGHBOR_K
 from trainer.neighbors import NeighborIndex
 from trainer.tables import EmbeddingTable, load_table
 
@@ -149,7 +150,7 @@ def _training_curves(output_dir: str, manifest: dict) -> list[tuple[str, str, di
         prefix = "baseline: " if section_name == "baseline" else ""
         if "epoch_losses" in section:  # collaborative: {model: [loss per epoch]}
             charts.append((f"{prefix}training loss per model", "epoch", section["epoch_losses"]))
-        history = section.get("history") or _history_file(output_dir, section_name, section)
+        history = _history_file(output_dir, section_name, section)
         for metric, series in _group_history(history).items():
             charts.append((prefix + metric, "epoch", series))
         for model, weights in section.get("history_weights", {}).items():
@@ -159,9 +160,12 @@ def _training_curves(output_dir: str, manifest: dict) -> list[tuple[str, str, di
 
 
 def _history_file(output_dir: str, section_name: str, section: dict) -> dict:
-    """Keras' per-epoch history of a supervised run, written next to the model."""
+    """Keras' per-epoch history of a supervised run, written next to the model (at the recorded
+    model_dir, else where it is under `output_dir`: a run directory can be moved)."""
+    from trainer.train import model_dir
+
     candidates = [os.path.join(section["model_dir"], "history.json")] if section.get("model_dir") else []
-    candidates.append(os.path.join(output_dir, "baseline" if section_name == "baseline" else "model", "history.json"))
+    candidates.append(os.path.join(model_dir(output_dir, section_name == "baseline"), "history.json"))
     for path in candidates:
         if tf.io.gfile.exists(path):
             with tf.io.gfile.GFile(path) as f:
@@ -200,7 +204,7 @@ def _drift(drift: dict) -> str:
     return (
         f"<section><h2>Drift since the last published run</h2><p class=dim>against {_e(drift.get('against', '?'))}: "
         "new key traffic = share of training rows on keys the last run did not have; frequency L-inf = largest change "
-        "of one key's share; neighbour overlap = mean share of top-10 neighbours kept</p>"
+        f"of one key's share; neighbour overlap = mean share of top-{NEIGHBOR_K} neighbours kept</p>"
         f"<table class=metrics>{head}{body}</table></section>"
     )
 

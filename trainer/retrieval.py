@@ -41,11 +41,11 @@ import tensorflow_transform as tft
 from pipeline import preprocess as pre
 from pipeline.collaborative import LIST_FEATURES
 from pipeline.manifest import update_manifest
-from pipeline.runs import resolve
 from pipeline.tables import table_keys, table_specs
-from schemas.config import CollaborativeConfig, ConfigError
+from schemas.config import CollaborativeConfig
 from trainer.sparse import SparseAwareOptimizer, SparseEmbedding
-from trainer.tables import load_table, match_rows
+from trainer.model import set_rows
+from trainer.tables import load_source, match_rows
 
 _LOG = logging.getLogger(__name__)
 EVAL_BLOCK_USERS = 1024
@@ -243,27 +243,19 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
 
 
 def _warm_start(model, config: CollaborativeConfig, specs: dict, tft_output) -> dict:
-    """Copies the rows of the `init_from` tables (warm start, `trainer.warm`) into `model`'s
-    tables, matched by key; returns {table: match report}."""
+    """Copies the rows of the `init_from` tables (warm start, `pipeline.runs.warm_start`) into
+    `model`'s tables, matched by key; returns {table: match report}."""
     report = {}
     for side in (config.item, config.user):
         layer = model.item_table if side is config.item else getattr(model, "user_table", None)
         if side.init_from is None or layer is None:
             continue
-        spec, source = specs[side.name], load_table(side.init_from.path)
-        if source.dim != spec.dim:
-            raise ConfigError(
-                f"{config.source}: interactions.{side.name}.dim: the table has dim {spec.dim} but the warm-start "
-                f"table {side.init_from.path} has dim {source.dim}"
-            )
-        match = match_rows(table_keys(spec, tft_output), spec.oov_rows, source.keys, int(source.manifest.get("oov_rows") or 0))
-        if not layer.built:
-            layer.build((None,))
-        matrix = layer.embeddings.numpy()
-        matrix[match.rows] = source.vectors[match.source_rows]
-        layer.embeddings.assign(matrix)
+        spec = specs[side.name]
+        source = load_source(side.init_from.path, spec.dim, f"{config.source}: interactions.{side.name}", "warm-start")
+        match = match_rows(table_keys(spec, tft_output), spec.oov_rows, source.keys, source.oov_rows)
+        set_rows(layer, match.rows, source.vectors[match.source_rows])
         report[side.name] = {
-            "source": resolve(side.init_from.path),
+            "source": source.path,
             "rows": spec.rows,
             "matched_keys": match.matched_keys,
             "match_rate": round(len(match.rows) / spec.rows, 4),

@@ -8,6 +8,7 @@
     table.keys, table.vectors        # every key in row order, the [rows, dim] matrix
     table.frequencies                # occurrences of each row in the training split
     table.labels                     # per-row labels (item titles) or None
+    table.path                       # where it was loaded from (LATEST resolved once)
     table.as_dict()                  # {key: vector}
 
 `match_rows` lines up a new table's rows with an exported table's by key (transfer learning and
@@ -22,7 +23,6 @@ the table directory is executed or unpickled.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -71,6 +71,12 @@ def unescape_key(text: str) -> str:
     return "".join(out)
 
 
+def bad_vocabulary_key(keys: list[str]) -> str | None:
+    """The first key a line-based vocabulary cannot hold (empty, or holding CR or LF), else None.
+    tf.Transform never puts such values in a vocabulary."""
+    return next((k for k in keys if not k or "\n" in k or "\r" in k), None)
+
+
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with tf.io.gfile.GFile(path, "rb") as f:
@@ -87,6 +93,7 @@ class EmbeddingTable:
     frequencies: np.ndarray
     manifest: dict
     labels: list[str] | None = None  # e.g. item titles, from the projector metadata
+    path: str | None = None  # the directory it was loaded from (a `LATEST` path resolved)
     _index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -114,9 +121,14 @@ class EmbeddingTable:
         return len(self.keys)
 
     @property
+    def oov_rows(self) -> int:
+        """The trailing rows for values outside the vocabulary (`<OOV 0>`, ... or `<OOV>`)."""
+        return int(self.manifest.get("oov_rows") or 0)
+
+    @property
     def real_rows(self) -> int:
         """Rows that stand for actual values: all but the trailing OOV rows."""
-        return len(self.keys) - int(self.manifest.get("oov_rows") or 0)
+        return len(self.keys) - self.oov_rows
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {k: self.vectors[i] for i, k in enumerate(self.keys)}
@@ -128,14 +140,13 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
     verify: True checks the files read here (keys, vectors, Parquet) against the manifest's
     sha256; "all" every file of the table (the other formats too: what `publish` does); False none.
     """
-    from pipeline.runs import resolve
+    from pipeline.runs import resolve, table_manifest
 
     path = resolve(path)  # ROOT/LATEST/export/<table> -> the latest published run's table
     manifest_path = os.path.join(path, "manifest.json")
-    if not tf.io.gfile.exists(manifest_path):
+    manifest = table_manifest(path)
+    if manifest is None:
         raise TableError(f"{manifest_path}: missing; is {path!r} an exported table directory?")
-    with tf.io.gfile.GFile(manifest_path) as f:
-        manifest = json.load(f)
     if verify:
         read = {"keys", "vectors", "parquet"}
         for name, entry in manifest["files"].items():
@@ -160,7 +171,26 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
         parquet = pq.read_table(pa.BufferReader(f.read()))
     frequencies = parquet.column("frequency").to_numpy()
     labels = parquet.column("label").to_pylist() if "label" in parquet.column_names else None
-    return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest, labels)
+    return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest, labels, path)
+
+
+def load_source(path: str, dim: int, where: str, what: str = "init_from") -> EmbeddingTable:
+    """The exported table at `path` that a new table of dim `dim` starts from (`init_from`, warm
+    start); ConfigError naming the config field `where` when it is missing or has another dim."""
+    from pipeline.runs import table_manifest
+    from schemas.config import ConfigError
+
+    if table_manifest(path) is None:
+        raise ConfigError(
+            f"{where}.init_from.path: no exported table at {path} (run `embedpipe export` on the source run first)"
+        )
+    source = load_table(path)
+    if source.dim != dim:
+        raise ConfigError(
+            f"{where}.dim: the table has dim {dim} but the {what} table {path} has dim {source.dim}; "
+            f"set dim: {source.dim} (dim: auto takes the source's dim when the table exists as the config is loaded)"
+        )
+    return source
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from pipeline import preprocess as pre
-from pipeline import runs
 from pipeline.manifest import read_manifest, update_manifest
 from pipeline.preprocessing import LABEL_KEY, LABEL_VOCABULARY
 from pipeline.tables import TableSpec, table_keys, table_specs
@@ -43,7 +42,7 @@ from schemas.config import CategoricalFeature, CollaborativeConfig, Config, Conf
 from trainer import retrieval
 from trainer.data import make_dataset
 from trainer.model import Table, build_model, headline_metric, set_table_rows
-from trainer.tables import EmbeddingTable, RowMatch, load_table, match_rows
+from trainer.tables import EmbeddingTable, RowMatch, load_source, match_rows
 
 _LOG = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ class Transfer:
         """The manifest entry; `counts` are the table's training occurrences per row id."""
         rows = len(self.match.rows)
         entry = {
-            "source": runs.resolve(self.feature.init_from.path),  # the run LATEST named, if it was used
+            "source": self.source.path,  # under the run LATEST named, if it was used
             "source_configured": self.feature.init_from.path,
             "trainable": self.feature.init_from.trainable,
             "rows": self.spec.rows,
@@ -108,35 +107,17 @@ def prepare_transfers(config: Config, specs: list[TableSpec], tft_output: tft.TF
     for f in config.categorical:
         if f.init_from is None:
             continue
-        where, path = f"{config.source}: {f.config_field}", f.init_from.path
-        if not tf.io.gfile.exists(os.path.join(runs.resolve(path), "manifest.json")):
-            raise ConfigError(
-                f"{where}.init_from.path: no exported table at {path} (run `embedpipe export` on the source run first)"
-            )
-        source, spec = load_table(path), by_name[f.name]
-        if source.dim != spec.dim:
-            raise ConfigError(
-                f"{where}.dim: the table has dim {spec.dim} but the init_from table {path} has dim {source.dim}; "
-                f"set dim: {source.dim} (dim: auto takes the source's dim when the table exists as the config is loaded)"
-            )
+        where, path, spec = f"{config.source}: {f.config_field}", f.init_from.path, by_name[f.name]
+        source = load_source(path, spec.dim, where)
         source_kind = source.manifest.get("kind")
         if (spec.kind == "hash" or source_kind == "hash") and (spec.kind, spec.rows) != (source_kind, len(source)):
             raise ConfigError(
                 f"{where}.init_from.path: a hash table starts only from a hash table with as many buckets; "
                 f"this one is {spec.kind} with {spec.rows} rows, {path} is {source_kind} with {len(source)} rows"
             )
-        source_oov = int(source.manifest.get("oov_rows") or 0)
-        match = match_rows(table_keys(spec, tft_output), spec.oov_rows, source.keys, source_oov)
+        match = match_rows(table_keys(spec, tft_output), spec.oov_rows, source.keys, source.oov_rows)
         transfers[f.name] = Transfer(f, spec, source, match)
     return transfers
-
-
-def _id_counts(output_dir: str) -> dict[str, dict[str, int]]:
-    path = pre.id_counts_path(output_dir)
-    if not tf.io.gfile.exists(path):
-        return {}
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
 
 
 def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: int | None = None) -> dict:
@@ -223,7 +204,7 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
 
 def _apply_transfers(model: keras.Model, transfers: dict[str, Transfer], output_dir: str) -> dict:
     """Copies the matched source rows into the model's tables; returns `train.transfer`."""
-    counts = _id_counts(output_dir) if transfers else {}
+    counts = pre.read_id_counts(output_dir) if transfers else {}
     section = {}
     for name, tr in transfers.items():
         set_table_rows(model, name, tr.match.rows, tr.source.vectors[tr.match.source_rows])

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import sys
@@ -93,11 +92,9 @@ def prepare(dataset: str, out: str, reuse: bool):
 
 
 def _manifest(out: str) -> dict:
-    path = os.path.join(out, "manifest.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    from pipeline.manifest import read_manifest
+
+    return read_manifest(out)
 
 
 def run_ours(config, out: str, epochs: int | None) -> tuple[dict, dict]:
@@ -212,11 +209,12 @@ def explore(config, out: str, split: dict, variants: list[dict]) -> list:
     no_q = tf.zeros_like(log_q)
     base = {"dim": None, "learning_rate": t.learning_rate, "epochs": t.epochs, "batch_size": t.batch_size, "logq": True}
     rows = []
+    table_dim = _manifest(out)["preprocess"]["tables"][config.item.name]["dim"]
     print(f"explore: {len(variants)} variants (defaults: {base}, dim = the config's table dim when None)")
     for v in variants:
         v = {**base, **v}
         keras.utils.set_random_seed(t.seed)
-        dim = v["dim"] or _manifest(out)["preprocess"]["tables"][config.item.name]["dim"]
+        dim = v["dim"] or table_dim
         if v["model"] == "two_tower":
             model = retrieval.TwoTower(split["user_rows"], split["item_rows"], dim, dim)
         else:

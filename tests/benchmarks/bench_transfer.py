@@ -72,22 +72,29 @@ MODELS = ("full", "cross")
 
 def flights_source(out: str, fresh: bool) -> str:
     """The flights run's exported dow_x_hour table (trained and exported unless already there)."""
-    from pipeline import datasets, preprocess
+    from pipeline import datasets
     from schemas.config import load_config
-    from trainer import export, train
 
     table = os.path.join(out, "export", "dow_x_hour")
     if not fresh and os.path.isfile(os.path.join(table, "manifest.json")):
         print(f"flights source: reusing {table}")
         return table
-    started = time.perf_counter()
     path = datasets.write_example("flights", os.path.join(out, "input"))
-    config = load_config("flights").with_input_path(path)
+    return train_source(load_config("flights").with_input_path(path), out, "flights source")
+
+
+def train_source(config, out: str, label: str) -> str:
+    """Preprocesses, trains and exports `config` into `out`; returns its dow_x_hour table."""
+    from pipeline import preprocess
+    from trainer import export, train
+
+    table = os.path.join(out, "export", "dow_x_hour")
+    started = time.perf_counter()
     rows = preprocess.preprocess(config, out)["rows"]
     section = train.train(config, out)
     export.export(config, out)
     print(
-        f"flights source: {rows['train']} train rows, eval MAE {section['eval_metrics']['mae']:.2f} "
+        f"{label}: {rows['train']} train rows, {rows['eval']} eval rows, eval MAE {section['eval_metrics']['mae']:.2f} "
         f"after {section['epochs_run']} epochs, exported in {time.perf_counter() - started:.0f}s -> {table}"
     )
     return table
@@ -236,29 +243,19 @@ def lga_source(out: str, fresh: bool, flights) -> str:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline import preprocess
     from schemas.config import load_config
-    from trainer import export, train
     from trainer.tables import load_table
 
     table = os.path.join(out, "export", "dow_x_hour")
     path = os.path.join(out, "input", "flights_ewr_jfk.parquet")
     if fresh or not os.path.isfile(os.path.join(table, "manifest.json")):
-        started = time.perf_counter()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         pq.write_table(flights.filter(pc.is_in(flights["origin"], pa_strings(SOURCE_ORIGINS))), path)
         raw = flights_base()
         raw["name"] = "flights_ewr_jfk"
         raw["input"]["path"] = path
         config = load_config(write_config(raw, os.path.join(out, "flights_ewr_jfk.yaml")))
-        rows = preprocess.preprocess(config, out)["rows"]
-        section = train.train(config, out)
-        export.export(config, out)
-        print(
-            f"lga source (flights from {' and '.join(SOURCE_ORIGINS)}): {rows['train']} train rows, "
-            f"{rows['eval']} eval rows, eval MAE {section['eval_metrics']['mae']:.2f} after "
-            f"{section['epochs_run']} epochs, exported in {time.perf_counter() - started:.0f}s -> {table}"
-        )
+        train_source(config, out, f"lga source (flights from {' and '.join(SOURCE_ORIGINS)})")
     else:
         print(f"lga source: reusing {table}")
     # No leakage: the source's input has no LGA row, and its origin table never saw LGA.
