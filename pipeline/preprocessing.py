@@ -18,9 +18,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from schemas.config import LABEL_KEY, CategoricalFeature, Config
-
-LABEL_VOCABULARY = LABEL_KEY
+from schemas.config import CategoricalFeature, Config
+from schemas.features import LABEL_KEY, LABEL_VOCABULARY
 
 
 def make_preprocessing_fn(config: Config):

@@ -27,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from schemas.config import Config, DatasetConfig
+from schemas.config import Config, DatasetConfig, InputError
 
 ARROW_TYPES = {"int": pa.int64(), "float": pa.float32(), "string": pa.large_binary()}
 
@@ -55,10 +55,6 @@ REASONS = (
 
 # A rejected row of a batch: (its index in the batch, reason, detail).
 Reject = tuple[int, str, str]
-
-
-class InputError(ValueError):
-    """Input data that cannot be used (as opposed to single bad rows, which are dead-lettered)."""
 
 
 @dataclass(frozen=True)

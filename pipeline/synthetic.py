@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 START_TS = 1_672_531_200  # 2023-01-01T00:00:00Z
 YEAR_SECONDS = 365 * 24 * 3600
@@ -246,10 +248,6 @@ PARQUET_ROW_GROUP_ROWS = 65536
 def write_input_table(table: pa.Table, path: str) -> None:
     """Writes an example input file as the format its extension names (`.parquet` or `.csv`)."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
         pq.write_table(table, path, row_group_size=PARQUET_ROW_GROUP_ROWS)
     else:
-        import pyarrow.csv as pcsv
-
-        pcsv.write_csv(table, path)
+        pacsv.write_csv(table, path)

@@ -14,7 +14,7 @@ from support import TINY_YAML
 
 @pytest.fixture
 def tiny_config():
-    from schemas.config import load_config
+    from schemas.loading import load_config
 
     return load_config(TINY_YAML)
 

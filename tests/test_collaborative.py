@@ -9,11 +9,12 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import cli, synthetic
+from embedpipe import stages
+from pipeline import synthetic
 from pipeline.collaborative import TemporalHoldout
 from pipeline.preprocess import LOCAL_RUNNER
 from pipeline.transforms import EVAL, TRAIN
-from schemas.config import load_config
+from schemas.loading import load_config
 from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
 from support import TINY_WATCH_YAML
@@ -47,7 +48,7 @@ def watch_run(tmp_path_factory):
     synthetic.write_watch_logs(logs, str(root))
     (root / "tiny_watch.yaml").write_text(CONFIG)
     out = str(root / "out")
-    manifest = cli.run_all(["--config", str(root / "tiny_watch.yaml"), "--output", out, "--run-id", "w1"])
+    manifest = stages.run_all(["--config", str(root / "tiny_watch.yaml"), "--output", out, "--run-id", "w1"])
     return logs, manifest, out
 
 
@@ -102,7 +103,7 @@ def test_bag_of_history_pools_by_position_from_the_end():
 def test_warm_start_of_a_collaborative_run(watch_run):
     logs, manifest, out = watch_run
     config = os.path.join(os.path.dirname(out), "tiny_watch.yaml")
-    warm = cli.run_all(["--config", config, "--output", out, "--run-id", "w2", "--warm-start", "--epochs", "1"])
+    warm = stages.run_all(["--config", config, "--output", out, "--run-id", "w2", "--warm-start", "--epochs", "1"])
     report = warm["train"]["warm_start"]
     best = manifest["train"]["best_model"]
     assert report[best]["item"]["source"] == os.path.join(out, "runs", "w1", "export", "item")

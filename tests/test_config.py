@@ -2,8 +2,9 @@
 
 import pytest
 
-from pipeline import cli
-from schemas.config import AUTO_DIM_MAX, auto_embedding_dim, load_config
+from embedpipe import cli
+from schemas.config import AUTO_DIM_MAX, auto_embedding_dim
+from schemas.loading import load_config
 from support import SMALL_CONFIG as GOOD
 from support import config_error
 

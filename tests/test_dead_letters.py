@@ -21,8 +21,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import rows
 from pipeline.preprocess import LOCAL_RUNNER, preprocess
-from pipeline.transforms import DEAD, AddLineNumbers, ParseAndValidate, ReadRawLogs, _CsvLineBatches
-from schemas.config import load_config
+from pipeline.dead_letters import AddLineNumbers
+from pipeline.sources import CsvLineBatches
+from pipeline.transforms import DEAD, ParseAndValidate, ReadRawLogs
+from schemas.loading import load_config
 from support import FIXTURES, TINY_YAML, config_error, tiny_yaml_text
 
 HEADER = b"delay,carrier,tail,day,hour,distance"
@@ -255,7 +257,7 @@ def check_pieces(path, lines, block_bytes, piece_bytes, content=None):
     """Reads `path` piece by piece; `content`: the uncompressed bytes of a compressed file."""
     compressed = content is not None
     content = content or path.read_bytes()
-    source = _CsvLineBatches(str(path), skip_header_lines=1, block_bytes=block_bytes)
+    source = CsvLineBatches(str(path), skip_header_lines=1, block_bytes=block_bytes)
     read = []
     for piece in source.split(desired_bundle_size=piece_bytes):
         for raw in piece.source.read(piece.source.get_range_tracker(piece.start_position, piece.stop_position)):
@@ -301,7 +303,7 @@ def test_reader_split_while_claiming_reads_every_line_once(tmp_path, at, second)
     path = tmp_path / "f.csv"
     path.write_bytes(b"\n".join(lines) + b"\n")
     size = path.stat().st_size
-    [whole] = _CsvLineBatches(str(path), skip_header_lines=1, block_bytes=60).split(desired_bundle_size=2 * size)
+    [whole] = CsvLineBatches(str(path), skip_header_lines=1, block_bytes=60).split(desired_bundle_size=2 * size)
     source = whole.source  # the file's source, read 10 lines a batch
     split_at = 2 + 6 * (10 * (at - 1) + 4) + 3  # inside the 5th line of the at-th batch
     tracker = SplitDuringClaim(source.get_range_tracker(0, size), at, [split_at, split_at - second])

@@ -20,8 +20,9 @@ import sys
 import pytest
 from packaging.requirements import Requirement
 
-from pipeline import cli, preprocess, runs
-from trainer import export, train
+from embedpipe import args as cli_args
+from embedpipe import cli, stages
+from schemas import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATAFLOW = os.path.join(ROOT, "deploy", "dataflow")
@@ -59,9 +60,7 @@ def _setup_kwargs() -> dict:
 
 
 def _preprocess_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
-    preprocess.add_arguments(parser)
-    return parser
+    return cli_args.preprocess_parser()
 
 
 def _options(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -95,8 +94,8 @@ def test_template_run_id_rule_is_the_cli_rule():
     (regex,) = parameter["regexes"]
     for run_id in ["20261123", "2026-11-23", "r1.retry_2", "A" * 128, "", "-x", ".hidden", "a/b", "A" * 129, "a b"]:
         try:
-            cli_accepts = runs.check_run_id(run_id) == run_id
-        except runs.RunError:
+            cli_accepts = layout.check_run_id(run_id) == run_id
+        except layout.RunError:
             cli_accepts = False
         assert bool(re.match(regex, run_id)) == cli_accepts, run_id
 
@@ -119,13 +118,13 @@ def test_launcher_passes_every_template_parameter_to_the_cli(launcher):
 
 def test_launcher_runs_preprocess_with_cli_flags(launcher, monkeypatch):
     seen = []
-    monkeypatch.setattr(preprocess, "run", lambda argv: seen.append(argv) or {})
+    monkeypatch.setattr(stages, "preprocess", lambda argv: seen.append(argv) or {})
     launcher.main(["--config=taxi", "--output", "gs://b/root", "--run_id", "20261123", "--project=p"])
     assert seen == [["--config=taxi", "--output", "gs://b/root", "--run-id", "20261123", "--project=p"]]
 
 
 def test_launcher_refuses_a_template_launch_before_any_work(launcher, monkeypatch):
-    monkeypatch.setattr(preprocess, "run", lambda argv: pytest.fail("preprocess.run must not start"))
+    monkeypatch.setattr(stages, "preprocess", lambda argv: pytest.fail("stages.preprocess must not start"))
     with pytest.raises(SystemExit, match="Flex Template launch"):
         launcher.main(["--output=gs://b/root", "--run_id=1", "--template_location=gs://b/staging/job_object"])
 
@@ -168,7 +167,7 @@ def test_dockerfile_copies_what_the_package_and_the_template_need():
     sources = {src for *srcs, _dest in copies for src in srcs}
     for src in sources:
         assert os.path.exists(os.path.join(ROOT, src)), f"COPY source {src} is not in the repository"
-    assert {"pipeline", "trainer", "schemas", "setup.py", "README.md"} <= sources  # setup.py reads README.md
+    assert {"embedpipe", "pipeline", "trainer", "schemas", "setup.py", "README.md"} <= sources  # setup.py reads README.md
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
     py_file = re.search(r'^ENV FLEX_TEMPLATE_PYTHON_PY_FILE="(\S+)"$', text, re.M).group(1)
     assert ["deploy/dataflow/main.py", "./main.py"] in copies and py_file == f"{workdir}/main.py"
@@ -211,30 +210,32 @@ def test_dag_commands_reach_the_stages_with_the_run_directory(dag_module, monkey
             return result
         return record
 
-    monkeypatch.setattr(preprocess, "preprocess", recorder("preprocess"))
-    monkeypatch.setattr(train, "train_any", recorder("train"))
-    monkeypatch.setattr(export, "export", recorder("export"))
-    monkeypatch.setattr(runs, "publish", recorder("publish", {"run_dir": "runs/20261123"}))
-    entry = {"preprocess": preprocess.run, "train": train.run, "export": export.run, "publish": cli.publish}
+    rows = {"read": 1, "train": 1, "eval": 0, "dead_letter": 0}
+    trained = {"model_dir": "m", "headline_metric": {"name": "auc", "value": 0.5}, "eval_metrics": {"auc": 0.5}}
+    monkeypatch.setattr(stages, "preprocess_job", recorder("preprocess", {"rows": rows}))
+    monkeypatch.setattr(stages, "train_any", recorder("train", trained))
+    monkeypatch.setattr(stages, "export_stage", recorder("export", {"dir": "d", "tables": {}}))
+    monkeypatch.setattr(stages.runs, "publish", recorder("publish", {"run_dir": "runs/20261123"}))
     for stage, command in _commands(dag_module, root=root).items():
         argv = shlex.split(command)
         assert argv[:2] == ["embedpipe", stage]
-        entry[stage](argv[2:])
+        assert cli.main(argv[1:]) == 0
 
-    run_dir = runs.run_dir(root, "20261123")
+    run_dir = layout.run_dir(root, "20261123")
     config, out, beam_args = calls["preprocess"]
     assert (config.name, config.input.path, out) == ("taxi", "gs://b/logs/2026-11-23/*.csv", run_dir)
     assert beam_args == BEAM_OPTIONS.split()
     assert calls["train"][1:] == (run_dir, {"baseline": False, "epochs": 3})
     assert calls["export"][1] == run_dir
-    assert calls["publish"] == (root, "20261123")
+    assert calls["publish"] == (root, "20261123", {"force": False})
 
 
 def test_empty_dag_input_keeps_the_configs_input(dag_module, monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(preprocess, "preprocess", lambda config, output_dir, beam_args: seen.append(config))
-    default_path = preprocess.resolve(_preprocess_parser().parse_args(["--config", "taxi"]))[0].input.path
-    preprocess.run(shlex.split(_commands(dag_module, input="", root=str(tmp_path))["preprocess"])[2:])
+    rows = {"read": 1, "train": 1, "eval": 0, "dead_letter": 0}
+    monkeypatch.setattr(stages, "preprocess_job", lambda config, output_dir, beam_args: seen.append(config) or {"rows": rows})
+    default_path = stages.resolve(_preprocess_parser().parse_args(["--config", "taxi"]))[0].input.path
+    stages.preprocess(shlex.split(_commands(dag_module, input="", root=str(tmp_path))["preprocess"])[2:])
     assert seen[0].input.path == default_path
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.runs import RunError
+from schemas.layout import RunError
 from schemas.config import DriftLimits
 from trainer.drift import check_thresholds, compare_tables
 from trainer.tables import EmbeddingTable

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import cli, rows, runs
+from embedpipe import cli, runs, stages
+from pipeline import rows
+from schemas import layout
 from schemas.config import auto_embedding_dim
 from trainer.tables import load_table
 from support import TINY_YAML
@@ -19,7 +21,7 @@ from support import TINY_YAML
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("run"))
     config = TINY_YAML
-    manifest = cli.run_all(["--config", config, "--output", out, "--run-id", "r1", "--epochs", "2"])
+    manifest = stages.run_all(["--config", config, "--output", out, "--run-id", "r1", "--epochs", "2"])
     return out, manifest
 
 
@@ -84,7 +86,7 @@ def test_bundled_sample_main_job(tmp_path, monkeypatch, capsys):
     assert cli.main(["run"]) == 0
     out = capsys.readouterr().out
     assert "10000 read" in out and "eval auc:" in out
-    latest = runs.latest(str(tmp_path / "embedpipe_output" / "taxi"))
+    latest = layout.latest(str(tmp_path / "embedpipe_output" / "taxi"))
     manifest = json.load(open(os.path.join(latest, "manifest.json")))
     assert manifest["train"]["headline_metric"]["value"] > 0.55
     assert load_table(str(tmp_path / "embedpipe_output" / "taxi" / "LATEST" / "export" / "dow_x_hour")).dim == 4
@@ -92,26 +94,26 @@ def test_bundled_sample_main_job(tmp_path, monkeypatch, capsys):
 
 def test_a_run_is_published_and_rerunning_its_id_is_idempotent(run_dir, capsys):
     out, manifest = run_dir
-    assert runs.latest(out) == os.path.join(out, "runs", "r1") and runs.is_complete(runs.latest(out))
+    assert layout.latest(out) == os.path.join(out, "runs", "r1") and layout.is_complete(layout.latest(out))
     assert manifest["export"]["tables"]["hour"].startswith(os.path.join(out, "runs", "r1"))
     # downstream code reads "latest" through the pointer
     hour = load_table(os.path.join(out, "LATEST", "export", "hour"))
     np.testing.assert_array_equal(hour.vectors, load_table(manifest["export"]["tables"]["hour"]).vectors)
     config = TINY_YAML
-    again = cli.run_all(["--config", config, "--output", out, "--run-id", "r1", "--epochs", "2"])
+    again = stages.run_all(["--config", config, "--output", out, "--run-id", "r1", "--epochs", "2"])
     assert "already complete" in capsys.readouterr().out and again == manifest
-    with pytest.raises(runs.RunError, match="complete run made with another config"):
-        cli.run_all(["--config", config, "--input", "elsewhere.csv", "--output", out, "--run-id", "r1"])
-    with pytest.raises(runs.RunError, match="not a finished run"):
+    with pytest.raises(layout.RunError, match="complete run made with another config"):
+        stages.run_all(["--config", config, "--input", "elsewhere.csv", "--output", out, "--run-id", "r1"])
+    with pytest.raises(layout.RunError, match="not a finished run"):
         os.makedirs(os.path.join(out, "runs", "half"))
         runs.publish(out, "half")
-    assert runs.latest(out) == os.path.join(out, "runs", "r1")
+    assert layout.latest(out) == os.path.join(out, "runs", "r1")
 
 
 def test_the_same_input_config_and_seed_give_identical_outputs(run_dir):
     out, manifest = run_dir
     config = TINY_YAML
-    again = cli.run_all(["--config", config, "--output", out, "--run-id", "r2", "--epochs", "2"])
+    again = stages.run_all(["--config", config, "--output", out, "--run-id", "r2", "--epochs", "2"])
     first, second = (os.path.join(out, "runs", r, "preprocess", "transform", "transform_fn", "assets") for r in ("r1", "r2"))
     assert sorted(os.listdir(first)) == sorted(os.listdir(second)) == ["carrier", "day_x_hour"]
     for name in os.listdir(first):
@@ -125,19 +127,19 @@ def test_the_same_input_config_and_seed_give_identical_outputs(run_dir):
 
 def test_warm_start_begins_from_the_published_tables_by_key(run_dir):
     out, _ = run_dir
-    previous = runs.latest(out)
+    previous = layout.latest(out)
     config = TINY_YAML
-    warm = cli.run_all(["--config", config, "--output", out, "--run-id", "w1", "--warm-start", "--epochs", "1"])
+    warm = stages.run_all(["--config", config, "--output", out, "--run-id", "w1", "--warm-start", "--epochs", "1"])
     transfer = warm["train"]["transfer"]
     assert set(transfer) == {"carrier", "tail", "hour", "day_x_hour", "day_x_carrier"}  # bucket tables have no init
     for name, entry in transfer.items():
         assert entry["source"] == os.path.join(previous, "export", name) and entry["trainable"] is True
         assert entry["match_rate"] == 1.0  # same data: every key was there yesterday
         assert load_table(warm["export"]["tables"][name]).dim == load_table(entry["source"]).dim
-    assert runs.latest(out) == os.path.join(out, "runs", "w1")
+    assert layout.latest(out) == os.path.join(out, "runs", "w1")
     drift = warm["drift"]  # compared with the run it replaced before publishing
     assert drift["against"] == previous and drift["tables"]["carrier"]["keys_added"] == 0
     assert drift["tables"]["day_x_hour"]["new_key_traffic"] == 0 and drift["tables"]["day_x_hour"]["neighbor_overlap"] > 0
     from trainer.report import write_report
 
-    assert "Drift since the last published run" in open(write_report(runs.latest(out))).read()
+    assert "Drift since the last published run" in open(write_report(layout.latest(out))).read()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.tables import TableSpec
+from schemas.tables import TableSpec
 from trainer.export import write_table
 from trainer.neighbors import NeighborIndex
 from trainer.tables import load_table, unescape_key

@@ -4,8 +4,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli
-from pipeline.tables import TableSpec
+from embedpipe import cli
+from schemas.tables import TableSpec
 from trainer import neighbors
 from trainer.export import write_table
 from trainer.tables import load_table

@@ -23,7 +23,8 @@ import time
 import pytest
 import tensorflow as tf
 
-from pipeline import preprocess
+from embedpipe import stages
+from schemas import layout
 
 from support import TINY_WATCH_YAML, TINY_YAML as TINY
 STARTUP_TIMEOUT_S = 60
@@ -101,7 +102,7 @@ class PortableServices:
                          for name, path in self.logs.items())
 
     def run_preprocess(self, argv: list[str]) -> dict:
-        """`preprocess.run(argv)` submitted to the job service. The job runs in the job service and
+        """`stages.preprocess(argv)` submitted to the job service. The job runs in the job service and
         in harness processes, so a hang would not end on its own: a watchdog kills the services
         after JOB_TIMEOUT_S, which makes the submission fail instead."""
         for name in ("job_service", "worker_pool"):
@@ -110,7 +111,7 @@ class PortableServices:
         watchdog.daemon = True
         watchdog.start()
         try:
-            return preprocess.run([
+            return stages.preprocess([
                 *argv,
                 "--runner", "PortableRunner",
                 "--job_endpoint", f"localhost:{self.ports['job_service']}",
@@ -141,7 +142,7 @@ def _examples(out: str, split: str) -> list[bytes]:
 
     Raw records differ between the runners: the transformed columns, hence the feature map entries,
     come out in another order in the SDK harness process."""
-    files = sorted(glob.glob(preprocess.examples_pattern(out, split)))
+    files = sorted(glob.glob(layout.examples_pattern(out, split)))
     assert files, f"no {split} shards under {out}"
     return sorted(
         tf.train.Example.FromString(record.numpy()).SerializeToString(deterministic=True)
@@ -156,7 +157,7 @@ def _read_dir(path: str) -> dict[str, bytes]:
 def _dead_letters(out: str) -> list[str]:
     """JSON lines of all dead-letter shards, sorted (their order differs between the runners)."""
     lines = []
-    for path in glob.glob(os.path.join(preprocess.preprocess_dir(out), "dead_letter", "rejected-*.jsonl")):
+    for path in glob.glob(layout.dead_letter_pattern(out)):
         with open(path) as f:
             lines.extend(line.rstrip("\n") for line in f if line.strip())
     return sorted(lines)
@@ -168,7 +169,7 @@ def _assert_same_outputs(local_out: str, local: dict, portable_out: str, portabl
     assert portable["tables"] == local["tables"]
     assert portable.get("users_evaluated") == local.get("users_evaluated")
 
-    transform = preprocess.transform_dir
+    transform = layout.transform_dir
     assets = _read_dir(os.path.join(transform(local_out), "transform_fn", "assets"))
     assert _read_dir(os.path.join(transform(portable_out), "transform_fn", "assets")) == assets  # vocabularies
     assert (_read_dir(os.path.join(transform(portable_out), "transformed_metadata"))
@@ -178,18 +179,18 @@ def _assert_same_outputs(local_out: str, local: dict, portable_out: str, portabl
         assert examples and _examples(portable_out, split) == examples
     letters = _dead_letters(local_out)
     assert len(letters) == local["rows"]["dead_letter"] and _dead_letters(portable_out) == letters
-    with open(preprocess.id_counts_path(local_out)) as a, open(preprocess.id_counts_path(portable_out)) as b:
+    with open(layout.id_counts_path(local_out)) as a, open(layout.id_counts_path(portable_out)) as b:
         assert json.load(b) == json.load(a)
 
 
 def test_portable_runner_matches_local_runner(portable, tmp_path):
     local_out, portable_out = str(tmp_path / "local"), str(tmp_path / "portable")
-    local = preprocess.run(["--config", TINY, "--output", local_out])
+    local = stages.preprocess(["--config", TINY, "--output", local_out])
     portable_section = portable.run_preprocess(["--config", TINY, "--output", portable_out])
     rows = local["rows"]
     assert rows["read"] == 244 and rows["dead_letter"] == 4
     assert [len(_examples(local_out, split)) for split in ("train", "eval")] == [rows["train"], rows["eval"]]
-    assert _read_dir(os.path.join(preprocess.transform_dir(local_out), "transform_fn", "assets"))
+    assert _read_dir(os.path.join(layout.transform_dir(local_out), "transform_fn", "assets"))
     _assert_same_outputs(local_out, local, portable_out, portable_section)
 
 
@@ -199,6 +200,7 @@ def test_counters_fall_back_to_attempted_metrics():
     from apache_beam.portability.api import beam_job_api_pb2
     from apache_beam.runners.portability.portable_runner import PortableMetrics
 
+    from pipeline import preprocess
     from pipeline.transforms import NAMESPACE
 
     def result(**by_kind):
@@ -225,7 +227,7 @@ def test_portable_runner_matches_local_runner_collaborative(portable, tmp_path):
     shutil.copy(TINY_WATCH_YAML, tmp_path / "watch.yaml")
     config = str(tmp_path / "watch.yaml")
     local_out, portable_out = str(tmp_path / "local"), str(tmp_path / "portable")
-    local = preprocess.run(["--config", config, "--output", local_out])
+    local = stages.preprocess(["--config", config, "--output", local_out])
     portable_section = portable.run_preprocess(["--config", config, "--output", portable_out])
     assert local["rows"]["read"] == logs.interactions.num_rows and local["users_evaluated"] > 0
     _assert_same_outputs(local_out, local, portable_out, portable_section)

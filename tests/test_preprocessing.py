@@ -8,7 +8,7 @@ from tensorflow_transform.beam import tft_unit
 from pipeline import rows
 from pipeline.preprocess import LOCAL_RUNNER, tensor_adapter_config
 from pipeline.preprocessing import LABEL_KEY, make_preprocessing_fn
-from schemas.config import load_config
+from schemas.loading import load_config
 
 CONFIG = """
 name: four

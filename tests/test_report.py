@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.tables import TableSpec
+from schemas.tables import TableSpec
 from trainer import report
 from trainer.export import write_table
 

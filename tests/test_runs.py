@@ -11,9 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import cli, runs
-from pipeline.manifest import update_manifest
-from pipeline.tables import TableSpec
+from embedpipe import cli, runs, stages
+from schemas import layout
+from schemas.manifest import update_manifest
+from schemas.tables import TableSpec
 from trainer.export import write_table
 from trainer.tables import load_table
 
@@ -23,7 +24,7 @@ from support import TINY_YAML as TINY
 def _fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>")):
     """A finished run directory with one exported vocabulary table (its last key the OOV row),
     as the stages would leave it."""
-    path = runs.run_dir(str(root), run_id)
+    path = layout.run_dir(str(root), run_id)
     spec = TableSpec(table, "vocabulary", ("c",), len(keys), 2, len(keys) - 1, 1)
     written = write_table(
         os.path.join(path, "export", table), spec, list(keys), np.eye(len(keys), 2, dtype=np.float32), np.ones(len(keys), np.int64), {}
@@ -35,14 +36,14 @@ def _fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>"))
 
 
 def test_publish_points_latest_at_a_verified_run_and_resolves_latest_paths(tmp_path):
-    assert runs.latest(str(tmp_path)) is None
+    assert layout.latest(str(tmp_path)) is None
     first = _fake_run(tmp_path, "d1")
     pointer = runs.publish(str(tmp_path), "d1")
-    assert pointer["run_dir"] == "runs/d1" and runs.latest(str(tmp_path)) == first and runs.is_complete(first)
+    assert pointer["run_dir"] == "runs/d1" and layout.latest(str(tmp_path)) == first and layout.is_complete(first)
     second = _fake_run(tmp_path, "d2")
     runs.publish(str(tmp_path), "d2")
-    assert runs.latest(str(tmp_path)) == second
-    assert runs.resolve(os.path.join(str(tmp_path), "LATEST", "export", "t")) == os.path.join(second, "export", "t")
+    assert layout.latest(str(tmp_path)) == second
+    assert layout.resolve(os.path.join(str(tmp_path), "LATEST", "export", "t")) == os.path.join(second, "export", "t")
     assert load_table(os.path.join(str(tmp_path), "LATEST", "export", "t")).keys == ["a", "b", "<OOV 0>"]
     assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]  # the pointer was renamed into place
 
@@ -50,39 +51,39 @@ def test_publish_points_latest_at_a_verified_run_and_resolves_latest_paths(tmp_p
 def test_an_incomplete_or_damaged_run_is_never_published(tmp_path):
     good = _fake_run(tmp_path, "good")
     runs.publish(str(tmp_path), "good")
-    half = runs.run_dir(str(tmp_path), "half")
+    half = layout.run_dir(str(tmp_path), "half")
     update_manifest(half, "preprocess", {"config": {"sha256": "abc"}})  # crashed during training
-    with pytest.raises(runs.RunError, match="not a finished run .*lacks train, export"):
+    with pytest.raises(layout.RunError, match="not a finished run .*lacks train, export"):
         runs.publish(str(tmp_path), "half")
     damaged = _fake_run(tmp_path, "damaged")
     with open(os.path.join(damaged, "export", "t", "vectors.w2v.txt"), "ab") as f:
         f.write(b"x")  # a file load_table does not read by default: publish checks every file
-    with pytest.raises(runs.RunError, match="exported table t does not verify: .*vectors.w2v.txt: checksum"):
+    with pytest.raises(layout.RunError, match="exported table t does not verify: .*vectors.w2v.txt: checksum"):
         runs.publish(str(tmp_path), "damaged")
-    with pytest.raises(runs.RunError, match="no such run"):
+    with pytest.raises(layout.RunError, match="no such run"):
         runs.publish(str(tmp_path), "never")
-    assert runs.latest(str(tmp_path)) == good
+    assert layout.latest(str(tmp_path)) == good
     _fake_run(tmp_path, "newer")
     runs.publish(str(tmp_path), "newer")
-    with pytest.raises(runs.RunError, match="older complete run .* --force"):
+    with pytest.raises(layout.RunError, match="older complete run .* --force"):
         runs.publish(str(tmp_path), "good")  # no silent rollback
     runs.publish(str(tmp_path), "good", force=True)
-    assert runs.latest(str(tmp_path)) == good
+    assert layout.latest(str(tmp_path)) == good
 
 
 def test_prepare_restarts_an_unfinished_run_and_keeps_a_finished_one(tmp_path):
     done = _fake_run(tmp_path, "done", digest="abc")
     runs.publish(str(tmp_path), "done")
     assert runs.prepare(str(tmp_path), "done", "abc") is True
-    with pytest.raises(runs.RunError, match="another config"):
+    with pytest.raises(layout.RunError, match="another config"):
         runs.prepare(str(tmp_path), "done", "other")
     leftover = _fake_run(tmp_path, "crashed")  # everything written, never published
     assert runs.prepare(str(tmp_path), "crashed", "abc") is False and not os.path.exists(leftover)
     assert os.path.exists(done)
     for bad in ("", "../x", "a/b", ".hidden", "x" * 129):
-        with pytest.raises(runs.RunError, match="--run-id"):
-            runs.check_run_id(bad)
-    assert re.fullmatch(r"\d{8}T\d{6}Z", runs.default_run_id())
+        with pytest.raises(layout.RunError, match="--run-id"):
+            layout.check_run_id(bad)
+    assert re.fullmatch(r"\d{8}T\d{6}Z", layout.default_run_id())
 
 
 def test_stage_commands_never_rewrite_a_complete_run(tmp_path, capsys):
@@ -111,11 +112,11 @@ KILL_POINTS = [
 @pytest.mark.slow
 def test_a_run_killed_anywhere_leaves_latest_on_a_complete_run(tmp_path):
     root = str(tmp_path / "root")
-    assert cli.run_all(["--config", TINY, "--output", root, "--run-id", "r0", "--epochs", "2"])
+    assert stages.run_all(["--config", TINY, "--output", root, "--run-id", "r0", "--epochs", "2"])
     published = "r0"
     for i, (pattern, delay) in enumerate(KILL_POINTS):
         run_id = f"k{i}"
-        command = [sys.executable, "-m", "pipeline.cli", "run", "--config", TINY, "--output", root, "--run-id", run_id, "--epochs", "2"]
+        command = [sys.executable, "-m", "embedpipe.cli", "run", "--config", TINY, "--output", root, "--run-id", run_id, "--epochs", "2"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is written
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
@@ -130,21 +131,21 @@ def test_a_run_killed_anywhere_leaves_latest_on_a_complete_run(tmp_path):
         process.wait()
         assert process.returncode == -signal.SIGKILL, f"kill point {i} ({pattern!r}) never came:\n{''.join(seen[-20:])}"
         # the reader's view: still the previous complete run, and all of it verifies
-        assert runs.latest(root) == runs.run_dir(root, published), f"kill point {i}"
-        runs.verify(runs.latest(root))
-        assert not runs.is_complete(runs.run_dir(root, run_id))
+        assert layout.latest(root) == layout.run_dir(root, published), f"kill point {i}"
+        runs.verify(layout.latest(root))
+        assert not layout.is_complete(layout.run_dir(root, run_id))
         # ... and the same run again succeeds
-        manifest = cli.run_all(["--config", TINY, "--output", root, "--run-id", run_id, "--epochs", "2"])
-        assert runs.latest(root) == runs.run_dir(root, run_id) and manifest["export"]["tables"]
+        manifest = stages.run_all(["--config", TINY, "--output", root, "--run-id", run_id, "--epochs", "2"])
+        assert layout.latest(root) == layout.run_dir(root, run_id) and manifest["export"]["tables"]
         published = run_id
-    pointer = json.load(open(os.path.join(root, runs.LATEST)))
+    pointer = json.load(open(os.path.join(root, layout.LATEST)))
     assert pointer["run_id"] == f"k{len(KILL_POINTS) - 1}"
 
 
 def test_warm_start_skips_a_table_whose_config_changed(tmp_path):
     import dataclasses
 
-    from schemas.config import load_config
+    from schemas.loading import load_config
 
     path = _fake_run(tmp_path, "yesterday", table="carrier", keys=("AA", "UA", "<OOV 0>"))
     runs.publish(str(tmp_path), "yesterday")

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.tables import TableSpec
+from schemas.tables import TableSpec
 from trainer.export import write_table
 from trainer.tables import TableError, escape_key, load_table, unescape_key
 

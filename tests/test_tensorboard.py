@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from pipeline.tables import TableSpec
+from schemas.tables import TableSpec
 from trainer.export import write_table
 from trainer.tables import escape_key
 

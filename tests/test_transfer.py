@@ -14,8 +14,9 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline import cli
-from schemas.config import ConfigError, TableInit, load_config
+from embedpipe import cli, stages
+from schemas.config import ConfigError, TableInit
+from schemas.loading import load_config
 from trainer.tables import load_table
 from trainer import train
 from trainer.tables import match_rows
@@ -129,7 +130,7 @@ def runs(tmp_path_factory):
     on another split that starts from its exported tables."""
     root = tmp_path_factory.mktemp("transfer")
     source_out = str(root / "source")
-    source = cli.run_all(["--config", TINY_YAML, "--output", source_out, "--run-id", "s1", "--epochs", "2"])
+    source = stages.run_all(["--config", TINY_YAML, "--output", source_out, "--run-id", "s1", "--epochs", "2"])
     configs = root / "configs"
     configs.mkdir()
     text = SECOND.format(
@@ -140,7 +141,7 @@ def runs(tmp_path_factory):
     config_path = str(configs / "second.yaml")
     with open(config_path, "w") as f:
         f.write(text)
-    second = cli.run_all(["--config", config_path, "--output", str(root / "second")])
+    second = stages.run_all(["--config", config_path, "--output", str(root / "second")])
     return source, config_path, second
 
 

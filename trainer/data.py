@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pipeline.preprocessing import LABEL_KEY
+from schemas.features import LABEL_KEY
 
 
 def make_dataset(

@@ -19,12 +19,13 @@ then stops before publishing, so `LATEST` stays on the previous run.
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 
+from schemas import layout
+from schemas.manifest import read_manifest
 from trainer.neighbors import NeighborIndex
-from trainer.tables import EmbeddingTable
+from trainer.tables import EmbeddingTable, load_table
 
 _LOG = logging.getLogger(__name__)
 NEIGHBOR_K = 10
@@ -33,13 +34,10 @@ NEIGHBOR_SAMPLE = 1000
 
 def compare_runs(run_dir: str, previous_dir: str) -> dict:
     """The `drift` manifest section: every table both runs exported, compared."""
-    from pipeline.manifest import read_manifest
-    from trainer.tables import load_table
-
     new, old = (read_manifest(d).get("export", {}).get("tables", {}) for d in (run_dir, previous_dir))
     tables = {}
     for name in sorted(set(new) & set(old)):
-        pair = [load_table(os.path.join(d, "export", name), verify=False) for d in (run_dir, previous_dir)]
+        pair = [load_table(layout.table_dir(d, name), verify=False) for d in (run_dir, previous_dir)]
         tables[name] = compare_tables(*pair)  # both verified: this run by `publish`, the last when it was
         t = tables[name]
         _LOG.info(
@@ -89,8 +87,6 @@ def _neighbor_overlap(new: EmbeddingTable, old: EmbeddingTable, keys: list[str])
 
 def check_thresholds(drift: dict, limits, source: str) -> None:
     """Raises `RunError` naming the config field of the first exceeded `drift:` limit."""
-    from pipeline.runs import RunError
-
     checks = (
         ("max_new_key_traffic", "new_key_traffic", lambda v, lim: v > lim, "of the training rows are on keys the last run did not have"),
         ("max_frequency_linf", "frequency_linf", lambda v, lim: v > lim, "is the largest change of a key's share"),
@@ -103,7 +99,7 @@ def check_thresholds(drift: dict, limits, source: str) -> None:
         for table, values in drift["tables"].items():
             value = values.get(metric)
             if value is not None and breached(value, limit):
-                raise RunError(
+                raise layout.RunError(
                     f"{source}: drift.{field}: table {table}: {value:.4g} {meaning} (limit {limit:g}); "
                     f"compared with {drift['against']}; not published"
                 )

@@ -1,11 +1,11 @@
 """Export: every learned embedding table as a self-describing directory downstream code can load.
 
-    python -m trainer.export --config taxi --output /tmp/taxi    # after training
+    embedpipe export --config taxi --output /tmp/taxi    # after `embedpipe train`
 
-`<output>/export/<table>/` holds:
+Each table's directory (`schemas.layout.table_dir`: `<run>/export/<table>/`) holds:
 
 * `keys.tsv` — one key per line, in row order (OOV, hash and bucket rows keyed `<OOV 0>`,
-  `<hash 17>`, ...; see `pipeline.tables`). Backslash, tab, CR and LF inside a key are written
+  `<hash 17>`, ...; see `schemas.tables`). Backslash, tab, CR and LF inside a key are written
   as `\\\\`, `\\t`, `\\r`, `\\n`;
 * `vectors.npy` — float32 `[rows, dim]` (NumPy format, no pickle);
 * `table.parquet` — columns `key` (string), `row` (int64), `frequency` (int64: occurrences in
@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -44,29 +43,35 @@ import tensorflow as tf
 import tensorflow_transform as tft
 from tensorflow.core.util import event_pb2
 
-from pipeline import preprocess as pre
-from pipeline.manifest import read_manifest, update_manifest
-from pipeline.tables import TableSpec, table_keys, table_specs
-from pipeline.rows import InputError
-from schemas.config import CollaborativeConfig, Config
-from trainer import formats, retrieval
+from schemas import layout
+from schemas.config import CollaborativeConfig, Config, InputError
+from schemas.manifest import read_manifest, update_manifest
+from schemas.tables import TableSpec, table_keys, table_specs
+from trainer import formats
 from trainer.model import embedding_layer_name
 from trainer.tables import FILES, escape_key, sha256_file
-from trainer.train import model_dir
 
 _LOG = logging.getLogger(__name__)
 PROJECTOR_MAX_ROWS = 100_000  # what the Embedding Projector handles comfortably
 
 
-def export_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, "export")
-
-
 def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
-    """Writes every table of the trained model; returns the manifest section."""
+    """Writes every table of the run's trained model (of a collaborative run: the best model's).
+
+    Args:
+        config: the run's config.
+        output_dir: the run directory (trained).
+
+    Returns:
+        The `export` manifest section: {"dir", "tables": {name: table directory}, "timings_s"}.
+
+    Raises:
+        FileNotFoundError: the run has no trained model.
+        InputError: the item metadata file is missing or lacks its columns.
+    """
     started = time.time()
-    tft_output = tft.TFTransformOutput(pre.transform_dir(output_dir))
-    id_counts = pre.read_id_counts(output_dir)
+    tft_output = tft.TFTransformOutput(layout.transform_dir(output_dir))
+    id_counts = layout.read_id_counts(output_dir)
     run = read_manifest(output_dir)
     trained, model_path = _trained_tables(config, output_dir, run)
     source = {
@@ -88,12 +93,12 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
             )
         counts = id_counts.get(spec.name, {})
         frequency = np.array([counts.get(str(i), 0) for i in range(spec.rows)], dtype=np.int64)
-        path = os.path.join(export_dir(output_dir), spec.name)
+        path = layout.table_dir(output_dir, spec.name)
         table_labels = [labels.get(k, "") for k in keys] if labels and spec.name == "item" else None
         tables[spec.name] = write_table(path, spec, keys, vectors, frequency, source, table_labels)
         _LOG.info("export: %s %dx%d -> %s", spec.name, spec.rows, spec.dim, path)
     elapsed = time.time() - started
-    section = {"dir": export_dir(output_dir), "tables": tables, "timings_s": {"export": round(elapsed, 2)}}
+    section = {"dir": layout.export_dir(output_dir), "tables": tables, "timings_s": {"export": round(elapsed, 2)}}
     update_manifest(output_dir, "export", section)
     return section
 
@@ -104,11 +109,11 @@ def _trained_tables(config, output_dir: str, run: dict) -> tuple[dict[str, np.nd
         best = run.get("train", {}).get("best_model")
         if best is None:
             raise FileNotFoundError(f"{output_dir}: no trained collaborative model; run `embedpipe train` first")
-        path = os.path.join(retrieval.model_dir(output_dir, best), "tables.npz")
+        path = layout.retrieval_tables_path(output_dir, best)
         with tf.io.gfile.GFile(path, "rb") as f:
             with np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
                 return {name: npz[name] for name in npz.files}, path
-    path = os.path.join(model_dir(output_dir), "model.keras")
+    path = layout.keras_model_path(layout.model_dir(output_dir))
     model = keras.models.load_model(path)
     return {name: model.get_layer(embedding_layer_name(name)).get_weights()[0] for name in config.tables}, path
 
@@ -230,16 +235,3 @@ def _write_formats(path: str, spec: TableSpec, keys: list[str], vectors: np.ndar
 def _write_text(path: str, text: str) -> None:
     with tf.io.gfile.GFile(path, "w") as f:
         f.write(text)
-
-
-def run(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="embedpipe export", description=__doc__.split("\n")[0])
-    pre.add_arguments(parser)
-    args = parser.parse_args(argv)
-    config, output_dir = pre.resolve(args)
-    return export(config, output_dir)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    run()

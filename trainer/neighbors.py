@@ -1,4 +1,5 @@
-"""Nearest neighbours, recommendations and clusters over exported tables.
+"""Nearest neighbours, recommendations and clusters over exported tables (`embedpipe neighbors`,
+`recommend` and `clusters` are their command lines, in `embedpipe.commands`).
 
     embedpipe neighbors EXPORT/item "Toy Story (1995)" -k 10     # by key or by label (title)
     embedpipe neighbors EXPORT/item --all -k 20                   # EXPORT/item/neighbors.parquet
@@ -12,7 +13,6 @@ rows and more (time is what grows: all-pairs is rows^2 x dim multiply-adds).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import time
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from trainer.tables import EmbeddingTable, load_table
+from trainer.tables import EmbeddingTable, UnknownKeyError, load_table
 
 _LOG = logging.getLogger(__name__)
 BLOCK_BYTES = 256 * 2**20
@@ -44,7 +44,7 @@ class NeighborIndex:
             return self.table.row(key_or_label)
         if key_or_label in self._by_label:
             return self._by_label[key_or_label]
-        raise KeyError(f"table {self.table.name!r} has no key or label {key_or_label!r}")
+        raise UnknownKeyError(f"table {self.table.name!r} has no key or label {key_or_label!r}")
 
     def top_k(self, scores: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[str, str, float]]:
         if exclude is not None:
@@ -76,17 +76,23 @@ class NeighborIndex:
 
 def recommend(export_dir: str, user: str, k: int = 10) -> list[tuple[str, str, float]]:
     """Top-k items for a user of a two-tower export, by the model's own score u . v."""
-    return _recommendations(*_user_item_tables(export_dir), [user], k)[user]
+    return recommend_users(export_dir, [user], k)[user]
 
 
-def _user_item_tables(export_dir: str) -> tuple[EmbeddingTable, EmbeddingTable]:
-    return load_table(os.path.join(export_dir, "user")), load_table(os.path.join(export_dir, "item"))
+def recommend_users(export_dir: str, users: list[str], k: int = 10) -> dict[str, list[tuple[str, str, float]]]:
+    """Top-k items for each of `users` of a two-tower export, the tables loaded once.
 
+    Returns:
+        {user: [(item key, item label, score), ...]}, best first.
 
-def _recommendations(users: EmbeddingTable, items: EmbeddingTable, keys: list[str], k: int) -> dict:
+    Raises:
+        UnknownKeyError: a user is not in the user table.
+    """
+    user_table = load_table(os.path.join(export_dir, "user"))
+    items = load_table(os.path.join(export_dir, "item"))
     index = NeighborIndex(items)
     real = items.vectors[: items.real_rows]
-    return {user: index.top_k(real @ users.vector(user), k) for user in keys}
+    return {user: index.top_k(real @ user_table.vector(user), k) for user in users}
 
 
 def write_all_neighbors(table: EmbeddingTable, k: int, path: str) -> dict:
@@ -174,44 +180,3 @@ def write_clusters(table: EmbeddingTable, k: int, path: str, seed: int = 0) -> d
         path,
     )
     return {"path": path, "rows": n, "clusters": int(len(centroids)), "sizes": np.bincount(assignment).tolist()}
-
-
-def run_neighbors(argv: list[str] | None = None) -> dict:
-    """`embedpipe neighbors`: {"all": write_all_neighbors result} or {"neighbors": {key: rows}}."""
-    parser = argparse.ArgumentParser(prog="embedpipe neighbors", description="Nearest neighbours in an exported table (cosine).")
-    parser.add_argument("table", help="an exported table directory, e.g. embedpipe_output/movielens/LATEST/export/item")
-    parser.add_argument("keys", nargs="*", help="keys or labels (e.g. titles) to look up")
-    parser.add_argument("-k", type=int, default=10, help="neighbours per key (default 10)")
-    parser.add_argument("--all", action="store_true", help="write the neighbours of every row to --output")
-    parser.add_argument("--output", help="with --all: Parquet path (default: TABLE/neighbors.parquet)")
-    args = parser.parse_args(argv)
-    if not args.keys and not args.all:
-        parser.error("give one or more keys, or --all")
-    table = load_table(args.table)
-    if args.all:
-        default = os.path.join(table.path, "neighbors.parquet")
-        return {"all": write_all_neighbors(table, args.k, args.output or default)}
-    index = NeighborIndex(table)
-    return {"neighbors": {key: index.neighbors(key, args.k) for key in args.keys}}
-
-
-def run_recommend(argv: list[str] | None = None) -> dict:
-    """`embedpipe recommend`: {user: rows}; the tables are loaded once for all users."""
-    parser = argparse.ArgumentParser(prog="embedpipe recommend", description="Top items for a user (two-tower exports).")
-    parser.add_argument("export", help="an export directory holding `user` and `item` tables")
-    parser.add_argument("users", nargs="+", help="user keys")
-    parser.add_argument("-k", type=int, default=10)
-    args = parser.parse_args(argv)
-    return _recommendations(*_user_item_tables(args.export), args.users, args.k)
-
-
-def run_clusters(argv: list[str] | None = None) -> dict:
-    """`embedpipe clusters`: the write_clusters result."""
-    parser = argparse.ArgumentParser(prog="embedpipe clusters", description="k-means clusters of an exported table (cosine).")
-    parser.add_argument("table", help="an exported table directory")
-    parser.add_argument("-k", type=int, default=20, help="number of clusters (default 20)")
-    parser.add_argument("--output", help="Parquet path (default: TABLE/clusters.parquet)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    table = load_table(args.table)
-    return write_clusters(table, args.k, args.output or os.path.join(table.path, "clusters.parquet"), args.seed)

@@ -23,7 +23,6 @@ It holds:
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -34,16 +33,15 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from pipeline.manifest import read_manifest
-from pipeline.runs import resolve_run
+from schemas import layout
 from schemas.config import auto_embedding_dim
+from schemas.manifest import read_manifest
 from trainer.drift import NEIGHBOR_K
 from trainer.neighbors import NeighborIndex
 from trainer.tables import EmbeddingTable, load_table
 
 _LOG = logging.getLogger(__name__)
 
-REPORT = "report.html"
 MAX_POINTS = 2000  # points drawn per table: its most frequent rows
 LABELLED = 30  # of which this many carry a text label
 QUERIES = 10  # nearest neighbours of this many most frequent keys ...
@@ -70,7 +68,7 @@ def write_report(output_dir: str, path: str | None = None) -> str:
         sections.append(_table_section(table))
         _LOG.info("report: table %s: projection and neighbours done (%.1fs)", name, time.time() - t0)
     page = _page(f"embedpipe report: {title}", output_dir, list(tables), sections)
-    path = path or os.path.join(output_dir, REPORT)
+    path = path or os.path.join(output_dir, layout.REPORT)
     with tf.io.gfile.GFile(path, "w") as f:
         f.write(page)
     _LOG.info("report: wrote %s (%.0f KiB, %.1fs)", path, len(page.encode()) / 1024, time.time() - started)
@@ -79,12 +77,12 @@ def write_report(output_dir: str, path: str | None = None) -> str:
 
 def _table_dirs(output_dir: str, manifest: dict) -> dict[str, str]:
     """{table name: directory} under `<output>/export/` (names from the manifest, else the directory)."""
-    export = os.path.join(output_dir, "export")
+    export = layout.export_dir(output_dir)
     names = list(manifest.get("export", {}).get("tables", {}))
     if not names and tf.io.gfile.isdir(export):
         found = [d.rstrip("/") for d in tf.io.gfile.listdir(export)]
-        names = sorted(d for d in found if tf.io.gfile.exists(os.path.join(export, d, "manifest.json")))
-    return {name: os.path.join(export, name) for name in names}
+        names = sorted(d for d in found if tf.io.gfile.exists(os.path.join(export, d, layout.TABLE_MANIFEST)))
+    return {name: layout.table_dir(output_dir, name) for name in names}
 
 
 # --- run summary and training curves -------------------------------------------------------
@@ -162,10 +160,8 @@ def _training_curves(output_dir: str, manifest: dict) -> list[tuple[str, str, di
 def _history_file(output_dir: str, section_name: str, section: dict) -> dict:
     """Keras' per-epoch history of a supervised run, written next to the model (at the recorded
     model_dir, else where it is under `output_dir`: a run directory can be moved)."""
-    from trainer.train import model_dir
-
-    candidates = [os.path.join(section["model_dir"], "history.json")] if section.get("model_dir") else []
-    candidates.append(os.path.join(model_dir(output_dir, section_name == "baseline"), "history.json"))
+    candidates = [layout.history_path(section["model_dir"])] if section.get("model_dir") else []
+    candidates.append(layout.history_path(layout.model_dir(output_dir, section_name == "baseline")))
     for path in candidates:
         if tf.io.gfile.exists(path):
             with tf.io.gfile.GFile(path) as f:
@@ -482,18 +478,3 @@ def _page(title: str, output_dir: str, tables: list[str], sections: list[str]) -
         + "".join(sections)
         + "</main></body></html>\n"
     )
-
-
-def run(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="embedpipe report", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "output_dir", help="a run's directory (holds manifest.json and export/), or an --output root: its latest run"
-    )
-    parser.add_argument("--out", help=f"where to write the page (default: the run directory's {REPORT})")
-    args = parser.parse_args(argv)
-    return write_report(resolve_run(args.output_dir), args.out)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    print(run())

@@ -22,8 +22,9 @@ Evaluation ranks *all* items of the vocabulary (not the OOV rows) for every user
 excluding the items the user saw in training, and reports Recall@K and NDCG@K; a popularity
 ranking on the same split is reported beside the models.
 
-Writes `<output>/model/<model>/tables.npz` (float32 matrices, no pickle) and the `train` section
-of the manifest; `trainer.export` turns the best model's tables into exported tables.
+Writes each model's `tables.npz` (float32 matrices, no pickle; `schemas.layout.retrieval_model_dir`)
+and the `train` section of the manifest; `trainer.export` turns the best model's tables into
+exported tables.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipeline import preprocess as pre
-from pipeline.collaborative import LIST_FEATURES
-from pipeline.manifest import update_manifest
-from pipeline.tables import table_keys, table_specs
+from schemas import layout
 from schemas.config import CollaborativeConfig
-from trainer.sparse import SparseAwareOptimizer, SparseEmbedding
+from schemas.features import transformed_interaction_spec
+from schemas.manifest import update_manifest
+from schemas.tables import table_keys, table_specs
 from trainer.model import set_rows
+from trainer.sparse import SparseAwareOptimizer, SparseEmbedding
 from trainer.tables import load_source, match_rows
 
 _LOG = logging.getLogger(__name__)
@@ -104,8 +105,7 @@ def _weights(layer) -> np.ndarray:
 
 def load_split(pattern: str) -> dict:
     """All examples of a split as tensors: user, weight, and ragged history/targets/seen."""
-    spec = {"user": tf.io.FixedLenFeature([], tf.int64), "weight": tf.io.FixedLenFeature([], tf.float32)}
-    spec.update({name: tf.io.RaggedFeature(tf.int64) for name in LIST_FEATURES})
+    spec = transformed_interaction_spec()
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no transformed examples match {pattern!r}; run `embedpipe preprocess` first")
@@ -184,20 +184,16 @@ def evaluate(query: np.ndarray, items: np.ndarray, seen: tf.RaggedTensor, target
     return {**{f"recall@{k}": recall[k] / n for k in ks}, **{f"ndcg@{k}": ndcg[k] / n for k in ks}}
 
 
-def model_dir(output_dir: str, model: str) -> str:
-    return os.path.join(output_dir, "model", model)
-
-
 def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = None) -> dict:
     """Trains every configured model, evaluates them and popularity; returns the manifest section."""
     started = time.time()
     t = config.training
     keras.utils.set_random_seed(t.seed)
-    tft_output = tft.TFTransformOutput(pre.transform_dir(output_dir))
+    tft_output = tft.TFTransformOutput(layout.transform_dir(output_dir))
     specs = {s.name: s for s in table_specs(config, tft_output)}
     users, items = specs[config.user.name], specs[config.item.name]
-    train_data = load_split(pre.examples_pattern(output_dir, "train"))
-    eval_data = load_split(pre.examples_pattern(output_dir, "eval"))
+    train_data = load_split(layout.examples_pattern(output_dir, layout.TRAIN))
+    eval_data = load_split(layout.examples_pattern(output_dir, layout.EVAL))
     counts = np.bincount(train_data["targets"].flat_values.numpy(), minlength=items.rows).astype(np.float64)
     log_q = tf.constant(np.log(np.maximum(counts, 1.0) / counts.sum()), tf.float32)
     vocab = items.vocabulary_size
@@ -218,11 +214,11 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         if isinstance(model, BagOfHistory):
             history_weights[name] = model.history_weights()
             _LOG.info("%s: history weights, newest first: %s ...", name, history_weights[name][:10])
-        path = model_dir(output_dir, name)
-        tf.io.gfile.makedirs(path)
+        path = layout.retrieval_tables_path(output_dir, name)
+        tf.io.gfile.makedirs(os.path.dirname(path))
         buffer = io.BytesIO()
         np.savez(buffer, **tables)
-        with tf.io.gfile.GFile(os.path.join(path, "tables.npz"), "wb") as f:
+        with tf.io.gfile.GFile(path, "wb") as f:
             f.write(buffer.getvalue())
     headline = f"recall@{20 if 20 in config.eval_k else max(config.eval_k)}"
     best = max(t.models, key=lambda m: results[m][headline])
@@ -235,7 +231,7 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         "history_weights": history_weights,
         **({"warm_start": warm} if any(warm.values()) else {}),
         "tables": {n: {"rows": s.rows, "dim": s.dim} for n, s in specs.items()},
-        "model_dir": os.path.join(output_dir, "model"),
+        "model_dir": layout.model_dir(output_dir),
         "timings_s": {"train": round(time.time() - started, 2)},
     }
     update_manifest(output_dir, "train", section)
@@ -243,7 +239,7 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
 
 
 def _warm_start(model, config: CollaborativeConfig, specs: dict, tft_output) -> dict:
-    """Copies the rows of the `init_from` tables (warm start, `pipeline.runs.warm_start`) into
+    """Copies the rows of the `init_from` tables (warm start, `embedpipe.runs.warm_start`) into
     `model`'s tables, matched by key; returns {table: match report}."""
     report = {}
     for side in (config.item, config.user):

@@ -31,6 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
+from schemas.config import ConfigError
+from schemas.layout import resolve, table_manifest
+
 FILES = {
     "keys": "keys.tsv",
     "vectors": "vectors.npy",
@@ -48,7 +51,15 @@ _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "s": " "}
 
 
 class TableError(ValueError):
-    """An exported table that is incomplete, corrupted or inconsistent with its manifest."""
+    """An exported table that is incomplete, corrupted or inconsistent with its manifest, or a
+    question the table cannot answer (`UnknownKeyError`)."""
+
+
+class UnknownKeyError(TableError, KeyError):
+    """A key (or label) that is not in the table. Also a `KeyError`, as for a dict."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 def escape_key(key: str, space: bool = False) -> str:
@@ -107,7 +118,7 @@ class EmbeddingTable:
         try:
             return self._index[key]
         except KeyError:
-            raise KeyError(f"table {self.name!r} has no key {key!r}") from None
+            raise UnknownKeyError(f"table {self.name!r} has no key {key!r}") from None
 
     def vector(self, key: str) -> np.ndarray:
         return self.vectors[self.row(key)]
@@ -140,8 +151,6 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
     verify: True checks the files read here (keys, vectors, Parquet) against the manifest's
     sha256; "all" every file of the table (the other formats too: what `publish` does); False none.
     """
-    from pipeline.runs import resolve, table_manifest
-
     path = resolve(path)  # ROOT/LATEST/export/<table> -> the latest published run's table
     manifest_path = os.path.join(path, "manifest.json")
     manifest = table_manifest(path)
@@ -177,9 +186,6 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
 def load_source(path: str, dim: int, where: str, what: str = "init_from") -> EmbeddingTable:
     """The exported table at `path` that a new table of dim `dim` starts from (`init_from`, warm
     start); ConfigError naming the config field `where` when it is missing or has another dim."""
-    from pipeline.runs import table_manifest
-    from schemas.config import ConfigError
-
     if table_manifest(path) is None:
         raise ConfigError(
             f"{where}.init_from.path: no exported table at {path} (run `embedpipe export` on the source run first)"

@@ -1,13 +1,14 @@
 """Training: learn the embedding tables inside a supervised model on the transformed data.
 
-    python -m trainer.train --config taxi --output /tmp/taxi     # after pipeline.preprocess
+    embedpipe train --config taxi --output /tmp/taxi     # after `embedpipe preprocess`
 
-Reads `<output>/preprocess/`, writes `<output>/model/`: `model.keras` (the Keras model),
+Reads the run's preprocess outputs, writes its model directory (`schemas.layout.model_dir`):
+`model.keras` (the Keras model),
 `serving/` (a SavedModel whose `serving_default` takes *raw* feature columns, applies the
 tf.Transform graph and returns `prediction`), `logs/` (TensorBoard), `history.json`; and the
-`train` section of `<output>/manifest.json` with the eval metrics.
+`train` section of the run manifest with the eval metrics.
 
-`--baseline` trains the same model without any embedding table (numeric features only): the
+`baseline=True` (`embedpipe train --baseline`) trains the same model without any embedding table (numeric features only): the
 yardstick the embeddings have to beat.
 
 Transfer learning: a categorical feature or cross with `init_from: {path: <export>/<table>,
@@ -23,10 +24,8 @@ naming the field.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -34,21 +33,17 @@ import keras
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipeline import preprocess as pre
-from pipeline.manifest import read_manifest, update_manifest
-from pipeline.preprocessing import LABEL_KEY, LABEL_VOCABULARY
-from pipeline.tables import TableSpec, table_keys, table_specs
+from schemas import layout
 from schemas.config import CategoricalFeature, CollaborativeConfig, Config, ConfigError
+from schemas.features import LABEL_KEY, LABEL_VOCABULARY, raw_feature_spec
+from schemas.manifest import read_manifest, update_manifest
+from schemas.tables import TableSpec, table_keys, table_specs
 from trainer import retrieval
 from trainer.data import make_dataset
 from trainer.model import Table, build_model, headline_metric, set_table_rows
 from trainer.tables import EmbeddingTable, RowMatch, load_source, match_rows
 
 _LOG = logging.getLogger(__name__)
-
-
-def model_dir(output_dir: str, baseline: bool = False) -> str:
-    return os.path.join(output_dir, "baseline" if baseline else "model")
 
 
 class ServingModule(tf.Module):
@@ -121,11 +116,24 @@ def prepare_transfers(config: Config, specs: list[TableSpec], tft_output: tft.TF
 
 
 def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: int | None = None) -> dict:
-    """Trains, saves the model and the serving SavedModel; returns the manifest section."""
+    """Trains the supervised model of a preprocessed run; saves it and its serving SavedModel.
+
+    Args:
+        config: the run's supervised config.
+        output_dir: the run directory (preprocessed).
+        baseline: train the numeric-only yardstick instead (no tables), into `baseline/`.
+        epochs: maximum epochs (default `training.epochs`; early stopping on the eval loss).
+
+    Returns:
+        The `train` (or `baseline`) manifest section: eval metrics, epochs run, tables, timings.
+
+    Raises:
+        ConfigError: an `init_from` source table is missing or does not fit its table.
+    """
     started = time.time()
     t = config.training
     keras.utils.set_random_seed(t.seed)
-    tft_output = tft.TFTransformOutput(pre.transform_dir(output_dir))
+    tft_output = tft.TFTransformOutput(layout.transform_dir(output_dir))
     specs = [] if baseline else table_specs(config, tft_output)
     numeric = [n.name for n in config.numeric]
     task = config.label.task
@@ -148,7 +156,7 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
     rows = read_manifest(output_dir).get("preprocess", {}).get("rows", {})
     datasets = {
         split: make_dataset(
-            pre.examples_pattern(output_dir, split),
+            layout.examples_pattern(output_dir, split),
             spec,
             t.batch_size,
             shuffle=split == "train",
@@ -156,12 +164,12 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
             label_shape_1=task != "multiclass",
             num_rows=rows.get(split),
         )
-        for split in ("train", "eval")
+        for split in layout.SPLITS
     }
-    out = model_dir(output_dir, baseline)
+    out = layout.model_dir(output_dir, baseline)
     callbacks = [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=t.patience, restore_best_weights=True),
-        keras.callbacks.TensorBoard(log_dir=os.path.join(out, "logs")),
+        keras.callbacks.TensorBoard(log_dir=layout.logs_dir(out)),
     ]
     _LOG.info(
         "train: %s model, tables %s, numeric %s, up to %d epochs",
@@ -179,11 +187,11 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
         verbose=2,
     )
     metrics = {k: float(v) for k, v in model.evaluate(datasets["eval"], verbose=0, return_dict=True).items()}
-    model.save(os.path.join(out, "model.keras"))
-    raw_spec = pre.raw_feature_spec(config, include_label=False)
+    model.save(layout.keras_model_path(out))
+    raw_spec = raw_feature_spec(config, include_label=False)
     serving = ServingModule(model, tft_output, raw_spec)
-    tf.saved_model.save(serving, os.path.join(out, "serving"), signatures={"serving_default": serving.serve})
-    with tf.io.gfile.GFile(os.path.join(out, "history.json"), "w") as f:
+    tf.saved_model.save(serving, layout.serving_dir(out), signatures={"serving_default": serving.serve})
+    with tf.io.gfile.GFile(layout.history_path(out), "w") as f:
         json.dump({k: [float(x) for x in v] for k, v in history.history.items()}, f, indent=1)
     elapsed = time.time() - started
     headline = headline_metric(task)
@@ -204,7 +212,7 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
 
 def _apply_transfers(model: keras.Model, transfers: dict[str, Transfer], output_dir: str) -> dict:
     """Copies the matched source rows into the model's tables; returns `train.transfer`."""
-    counts = pre.read_id_counts(output_dir) if transfers else {}
+    counts = layout.read_id_counts(output_dir) if transfers else {}
     section = {}
     for name, tr in transfers.items():
         set_table_rows(model, name, tr.match.rows, tr.source.vectors[tr.match.source_rows])
@@ -226,30 +234,10 @@ def _apply_transfers(model: keras.Model, transfers: dict[str, Transfer], output_
     return section
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, help="maximum epochs (default: training.epochs of the config)")
-    parser.add_argument("--baseline", action="store_true", help="train without embedding tables (numeric features only)")
-
-
-def run(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="embedpipe train", description=__doc__.split("\n")[0])
-    pre.add_arguments(parser)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    config, output_dir = pre.resolve(args)
-    if args.baseline and isinstance(config, CollaborativeConfig):
-        parser.error("--baseline is for supervised configs (a collaborative run reports popularity)")
-    return train_any(config, output_dir, baseline=args.baseline, epochs=args.epochs)
-
-
 def train_any(config: Config | CollaborativeConfig, output_dir: str, **kwargs) -> dict:
-    """`train` for a supervised config, `trainer.retrieval.train` for a collaborative one."""
+    """`train` for a supervised config, `trainer.retrieval.train` for a collaborative one
+    (which has no baseline: it reports popularity instead)."""
     if isinstance(config, CollaborativeConfig):
         kwargs.pop("baseline", None)
         return retrieval.train(config, output_dir, **kwargs)
     return train(config, output_dir, **kwargs)
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    run()

@@ -22,6 +22,9 @@ import argparse
 import logging
 import sys
 
+from embedpipe import stages
+from embedpipe.args import preprocess_parser
+
 # The flag the Flex Template launcher adds: the job graph is written to this file and the service
 # starts the job only after this process has exited.
 TEMPLATE_LOCATION = "--template_location"
@@ -60,18 +63,14 @@ def is_template_launch(argv: list[str]) -> bool:
 
 
 def preprocess_argv(argv: list[str]) -> list[str]:
-    """The argv for `pipeline.preprocess.run`, from the launcher's argv."""
-    from pipeline import preprocess
-
-    parser = argparse.ArgumentParser()
-    preprocess.add_arguments(parser)
-    return translate(argv, cli_flags(parser))
+    """The argv for `embedpipe.stages.preprocess`, from the launcher's argv."""
+    return translate(argv, cli_flags(preprocess_parser()))
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = preprocess_argv(list(sys.argv[1:] if argv is None else argv))
     if is_template_launch(argv):
-        # `preprocess.run` waits for its job, then reads the job's counters and the transform
+        # `stages.preprocess` waits for its job, then reads the job's counters and the transform
         # output to write the run manifest (which `embedpipe publish` checks). Under a template
         # launch the job does not exist until this process exits, so that would fail after the
         # job graph was written. Refuse before doing anything instead.
@@ -80,9 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             "preprocess job, and the run manifest needs it to; run `embedpipe preprocess ... "
             "--runner DataflowRunner` in this image instead (deploy/README.md, 'Flex Template')"
         )
-    from pipeline import preprocess
-
-    return preprocess.run(argv)
+    return stages.preprocess(argv)
 
 
 if __name__ == "__main__":

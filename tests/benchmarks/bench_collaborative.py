@@ -71,7 +71,7 @@ class _EpochTimes(logging.Handler):
 
 def prepare(dataset: str, out: str, reuse: bool):
     from pipeline import datasets, preprocess
-    from schemas.config import load_config
+    from schemas.loading import load_config
 
     data = os.path.join(out, "input")
     interactions = os.path.join(data, dataset, "interactions.parquet")
@@ -92,7 +92,7 @@ def prepare(dataset: str, out: str, reuse: bool):
 
 
 def _manifest(out: str) -> dict:
-    from pipeline.manifest import read_manifest
+    from schemas.manifest import read_manifest
 
     return read_manifest(out)
 

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from pipeline.tables import TableSpec
+from schemas.tables import TableSpec
 from trainer import neighbors
 from trainer.export import write_table
 from trainer.tables import load_table

@@ -167,7 +167,7 @@ def _rows_in(path: str) -> int:
 
 
 def flights_config(path: str, fmt: str):
-    from schemas.config import load_config
+    from schemas.loading import load_config
 
     config = load_config("flights")
     return dataclasses.replace(config, input=dataclasses.replace(config.input, path=path, format=fmt))

@@ -43,7 +43,7 @@ def bench_taxi(repeats: int) -> None:
 
 def bench_flights(out: str, seeds: int, epochs: int | None) -> None:
     from pipeline import datasets, preprocess
-    from schemas.config import load_config
+    from schemas.loading import load_config
     from trainer import export, train
 
     data = os.path.join(out, "input")

@@ -73,7 +73,7 @@ MODELS = ("full", "cross")
 def flights_source(out: str, fresh: bool) -> str:
     """The flights run's exported dow_x_hour table (trained and exported unless already there)."""
     from pipeline import datasets
-    from schemas.config import load_config
+    from schemas.loading import load_config
 
     table = os.path.join(out, "export", "dow_x_hour")
     if not fresh and os.path.isfile(os.path.join(table, "manifest.json")):
@@ -143,7 +143,7 @@ def write_config(raw: dict, path: str) -> str:
 def train_variants(base, source, dim, seed, input_path, run, target, n, results, line, training=None):
     """Trains every model x variant on one sample; yields (model, variant, eval metrics, epochs),
     collects the metrics in `results` and notes the key match of the frozen full model in `line`."""
-    from schemas.config import load_config
+    from schemas.loading import load_config
     from trainer import train
 
     for model in MODELS:
@@ -184,7 +184,7 @@ def variant_config(
 def bench(out: str, sizes: list[int], seeds: int, fresh_source: bool) -> None:
     """The taxi scenario (steps 1-3)."""
     from pipeline import preprocess
-    from schemas.config import load_config
+    from schemas.loading import load_config
     from trainer.tables import load_table
 
     source = flights_source(os.path.join(out, "flights"), fresh_source)
@@ -231,7 +231,7 @@ TARGET_ORIGIN = "LGA"
 
 
 def flights_base() -> dict:
-    from schemas.config import load_config
+    from schemas.loading import load_config
 
     with open(load_config("flights").source) as f:
         return yaml.safe_load(f)
@@ -243,7 +243,7 @@ def lga_source(out: str, fresh: bool, flights) -> str:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from schemas.config import load_config
+    from schemas.loading import load_config
     from trainer.tables import load_table
 
     table = os.path.join(out, "export", "dow_x_hour")
@@ -301,7 +301,7 @@ def source_train_rows(source_input: str):
     import pyarrow.parquet as pq
 
     from pipeline import rows
-    from schemas.config import load_config
+    from schemas.loading import load_config
 
     src = pq.read_table(source_input)
     src = src.filter(pc.is_valid(src["arr_delay"])).combine_chunks()
@@ -336,7 +336,7 @@ def bench_lga(out: str, sizes: list[int], seeds: int, fresh_source: bool, traini
     import pyarrow.parquet as pq
 
     from pipeline import datasets, preprocess
-    from schemas.config import load_config
+    from schemas.loading import load_config
     from trainer.tables import load_table
 
     flights = datasets.flights_table()

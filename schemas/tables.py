@@ -1,7 +1,7 @@
 """What each embedding table is: its size, its embedding dimension and the key of every row.
 
 The single place that knows how the transform laid out a table's rows, shared by the run
-manifest, the trainer (table sizes) and the exporter (row keys):
+manifest (the Beam job), the trainer (table sizes) and the exporter (row keys):
 
 * vocabulary (and vocabulary cross): rows 0..V-1 are the vocabulary file's lines, most frequent
   first, then one row per OOV bucket, keyed `<OOV 0>`, `<OOV 1>`, ...;
@@ -16,13 +16,15 @@ from dataclasses import asdict, dataclass
 
 import tensorflow_transform as tft
 
-from pipeline import runs
-
 from schemas.config import CollaborativeConfig, Config, auto_embedding_dim
+from schemas.layout import table_manifest
 
 
 @dataclass(frozen=True)
 class TableSpec:
+    """One embedding table: `rows` x `dim`, the first `vocabulary_size` rows keyed by the
+    vocabulary (vocabulary tables), the last `oov_rows` for values outside it."""
+
     name: str
     kind: str  # vocabulary | identity | hash | bucket
     columns: tuple[str, ...]
@@ -42,7 +44,16 @@ class TableSpec:
 
 
 def table_specs(config: Config | CollaborativeConfig, tft_output: tft.TFTransformOutput) -> list[TableSpec]:
-    """Sizes and dimensions of every table, read from the transform output."""
+    """Sizes and dimensions of every table, read from the transform output.
+
+    Args:
+        config: the run's config (supervised or collaborative).
+        tft_output: the run's tf.Transform output (its vocabularies give the table sizes).
+
+    Returns:
+        One spec per table: supervised in config order (features, crosses, then bucketized
+        numeric features); collaborative `user` then `item`.
+    """
     if isinstance(config, CollaborativeConfig):
         specs = []
         for side in (config.item, config.user):
@@ -78,7 +89,7 @@ def table_specs(config: Config | CollaborativeConfig, tft_output: tft.TFTransfor
 def _source_dim(path: str) -> int:
     """The dim of the exported table an `init_from` names (`auto` follows it), else 0 so that
     the trainer reports the missing table with the config field."""
-    manifest = runs.table_manifest(path)
+    manifest = table_manifest(path)
     return 0 if manifest is None else int(manifest["dim"])
 
 

@@ -1,24 +1,25 @@
-"""The run manifest: one JSON file at the root of a run's output directory.
+"""The run manifest: one JSON file at the root of a run directory (`schemas.layout.MANIFEST`).
 
-Each stage merges its own section into `<output>/manifest.json` (`preprocess`, `train`,
-`export`), so the file always describes what is on disk next to it: inputs, row counts per split
-and dead-letter reason, table sizes, the config hash, package versions and stage timings.
+Each stage merges its own section into `<run>/manifest.json` (`preprocess`, `train`, `baseline`,
+`export`, and `drift` at publish), so the file always describes what is on disk next to it:
+inputs, row counts per split and dead-letter reason, table sizes, the config hash, package
+versions and stage timings.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from importlib import metadata
 
 import tensorflow as tf
 
-MANIFEST = "manifest.json"
+from schemas.layout import MANIFEST, read_json, write_json_atomically
+
 PACKAGES = ("embedpipe", "apache-beam", "tensorflow", "tensorflow-transform", "tfx-bsl", "keras", "pyarrow", "numpy")
 
 
 def package_versions() -> dict[str, str]:
+    """{package: installed version, or "not installed"} for the packages a run depends on."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -29,6 +30,7 @@ def package_versions() -> dict[str, str]:
 
 
 def read_manifest(output_dir: str) -> dict:
+    """The run's manifest; {} when it has none yet."""
     path = os.path.join(output_dir, MANIFEST)
     return read_json(path) if tf.io.gfile.exists(path) else {}
 
@@ -41,7 +43,11 @@ def drop_sections(output_dir: str, sections) -> None:
 
 
 def update_manifest(output_dir: str, section: str, data: dict) -> dict:
-    """Replaces `section` of the manifest with `data` and writes it back; returns the manifest."""
+    """Replaces `section` of the manifest with `data` and writes it back atomically.
+
+    Returns:
+        The whole manifest as written.
+    """
     manifest = read_manifest(output_dir)
     manifest[section] = data
     manifest["package_versions"] = package_versions()
@@ -52,17 +58,3 @@ def update_manifest(output_dir: str, section: str, data: dict) -> dict:
 def _write(output_dir: str, manifest: dict) -> None:
     tf.io.gfile.makedirs(output_dir)
     write_json_atomically(os.path.join(output_dir, MANIFEST), manifest)
-
-
-def read_json(path: str) -> dict:
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
-
-
-def write_json_atomically(path: str, data: dict) -> None:
-    """Writes `data` to a temporary name and renames it over `path`: readers see the old file or
-    the new one, never a partial one."""
-    temp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(temp, "w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(temp, path, overwrite=True)

@@ -1,9 +1,11 @@
-"""Versioned runs under one output root, and the `LATEST` pointer readers follow.
+"""Versioned runs under one output root: starting one, publishing it, warm-starting from the last.
 
     ROOT/
       LATEST                  {"run_id": ID, "run_dir": "runs/ID", "published_at": ...}
       runs/<ID>/              one run: manifest.json, preprocess/, model/, export/
       runs/<ID>/_COMPLETE     written by `publish` once the run verified complete
+
+(every path of a run, and how `LATEST` is read, is `schemas.layout`)
 
 `embedpipe run --output ROOT --run-id ID` (ID defaults to the UTC time, `20261123T220000Z`)
 writes only inside `runs/<ID>/` and, at the very end, `publish`es: it checks that every stage
@@ -37,46 +39,41 @@ import dataclasses
 import datetime
 import logging
 import os
-import re
 
 import tensorflow as tf
 
-from pipeline.manifest import read_json, read_manifest, update_manifest, write_json_atomically
-from schemas.config import CollaborativeConfig, Config, TableInit
+from schemas import layout
+from schemas.config import CollaborativeConfig, Config, DriftLimits, TableInit
+from schemas.layout import (
+    COMPLETE,
+    LATEST,
+    RUNS,
+    STAGES,
+    RunError,
+    is_complete,
+    latest,
+    read_json,
+    run_dir,
+    table_manifest,
+    write_json_atomically,
+)
+from schemas.manifest import read_manifest, update_manifest
+from trainer import drift
+from trainer.tables import TableError, load_table
 
 _LOG = logging.getLogger(__name__)
-LATEST = "LATEST"
-COMPLETE = "_COMPLETE"
-RUNS = "runs"
-STAGES = ("preprocess", "train", "export")
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class RunError(RuntimeError):
-    """A run that cannot be started, published or read as asked."""
-
-
-def default_run_id(now: datetime.datetime | None = None) -> str:
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ")
-
-
-def check_run_id(run_id: str) -> str:
-    if not _RUN_ID.match(run_id):
-        raise RunError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128, not starting with . - _)")
-    return run_id
-
-
-def run_dir(root: str, run_id: str) -> str:
-    return os.path.join(root, RUNS, check_run_id(run_id))
-
-
-def is_complete(path: str) -> bool:
-    return tf.io.gfile.exists(os.path.join(path, COMPLETE))
 
 
 def prepare(root: str, run_id: str, config_digest: str) -> bool:
-    """Gets `runs/<run_id>/` ready for a run; True when it is already complete (nothing to do)."""
+    """Gets `runs/<run_id>/` ready for a run.
+
+    Returns:
+        True when it is already complete with this config (nothing to do); False when it is
+        ready to be written (an unfinished earlier attempt is deleted first).
+
+    Raises:
+        RunError: it is complete but was made with another config.
+    """
     path = run_dir(root, run_id)
     if is_complete(path):
         done = read_json(os.path.join(path, COMPLETE))
@@ -93,16 +90,21 @@ def prepare(root: str, run_id: str, config_digest: str) -> bool:
 
 
 def verify(path: str) -> dict:
-    """Checks that `path` holds a finished run whose every exported table verifies; returns its manifest."""
-    from trainer.tables import TableError, load_table
+    """Checks that `path` holds a finished run whose every exported table verifies.
 
+    Returns:
+        The run's manifest.
+
+    Raises:
+        RunError: a stage is missing from the manifest, or a table fails its checksums.
+    """
     manifest = read_manifest(path)
     missing = [s for s in STAGES if s not in manifest]
     if missing:
         raise RunError(f"{path}: not a finished run (manifest lacks {', '.join(missing)})")
     for name in manifest["export"]["tables"]:
         try:
-            load_table(os.path.join(path, "export", name), verify="all")  # under the run dir: runs can move
+            load_table(layout.table_dir(path, name), verify="all")  # under the run dir: runs can move
         except TableError as e:
             raise RunError(f"{path}: exported table {name} does not verify: {e}") from None
     return manifest
@@ -112,17 +114,28 @@ def publish(
     root: str,
     run_id: str,
     config_digest: str | None = None,
-    drift_limits=None,
+    drift_limits: DriftLimits | None = None,
     config_source: str = "",
     force: bool = False,
 ) -> dict:
-    """Verifies `runs/<run_id>/`, compares it with the published run (`trainer.drift`, the
-    manifest's `drift` section; `drift_limits`, default the ones the preprocess stage recorded
-    from the config, raise RunError when breached), marks it complete and points `LATEST` at
-    it; returns the pointer.
+    """Verifies `runs/<run_id>/`, compares it with the published run, marks it complete and
+    points `LATEST` at it.
 
-    `config_digest` (default: the manifest's) is what a re-run of the ID must match. Publishing
-    an already complete run that is not the latest one (a rollback) needs `force`.
+    Args:
+        root: the output root.
+        run_id: the run to publish.
+        config_digest: what a re-run of the ID must match (default: the manifest's).
+        drift_limits: limits checked on the comparison with the published run (`trainer.drift`,
+            the manifest's `drift` section); default: those the preprocess stage recorded.
+        config_source: the config file named in a drift error (default: the recorded one).
+        force: allow pointing `LATEST` back at an older complete run (a rollback).
+
+    Returns:
+        The pointer written to `LATEST`.
+
+    Raises:
+        RunError: no such run, not finished, a table does not verify, a drift limit is
+            breached, or a rollback without `force`.
     """
     path = run_dir(root, run_id)
     if not tf.io.gfile.exists(path):
@@ -134,9 +147,6 @@ def publish(
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     previous = current
     if not is_complete(path) and previous is not None and previous != path:
-        from schemas.config import DriftLimits
-        from trainer import drift
-
         section = drift.compare_runs(path, previous)
         update_manifest(path, "drift", section)
         if drift_limits is None:  # the limits of the config the run was made with
@@ -153,55 +163,12 @@ def publish(
     return pointer
 
 
-def latest(root: str) -> str | None:
-    """The directory of the run `ROOT/LATEST` points at (None before the first publish)."""
-    pointer_path = os.path.join(root, LATEST)
-    if not tf.io.gfile.exists(pointer_path):
-        return None
-    pointer = read_json(pointer_path)
-    path = os.path.join(root, pointer["run_dir"])
-    if not is_complete(path):
-        raise RunError(f"{pointer_path} points at {path}, which is not a complete run")
-    return path
-
-
 def _latest_or_none(root: str) -> str | None:
     try:
         return latest(root)
     except RunError as e:  # a damaged pointer must not block the run that replaces it
         _LOG.warning("publish: %s; publishing without a drift comparison", e)
         return None
-
-
-def resolve(path: str) -> str:
-    """`ROOT/LATEST/sub/path` -> `ROOT/runs/<published id>/sub/path`; other paths unchanged.
-
-    So any path into a run can name "the latest published one", e.g.
-    `load_table("embedpipe_output/taxi/LATEST/export/dow_x_hour")`.
-    """
-    parts = path.replace("\\", "/").split("/")
-    if LATEST not in parts[1:]:
-        return path
-    i = parts.index(LATEST, 1)
-    root = "/".join(parts[:i])
-    run = latest(root)
-    if run is None:
-        raise RunError(f"{path}: {os.path.join(root, LATEST)} does not exist (nothing published under {root} yet)")
-    return os.path.join(run, *parts[i + 1 :])
-
-
-def resolve_run(path: str) -> str:
-    """A run directory from a root (-> its latest published run), a `.../LATEST/...` path or a run dir."""
-    if tf.io.gfile.exists(os.path.join(path, LATEST)):
-        return latest(path)
-    return resolve(path)
-
-
-def table_manifest(path: str) -> dict | None:
-    """The manifest of the exported table at `path` (a `.../LATEST/...` path resolved), None
-    when there is no table there."""
-    manifest = os.path.join(resolve(path), "manifest.json")
-    return read_json(manifest) if tf.io.gfile.exists(manifest) else None
 
 
 def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | CollaborativeConfig:
@@ -216,7 +183,7 @@ def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | Coll
         return config
 
     def source(name: str, dim, hash_rows: int | None) -> TableInit | None:
-        path = os.path.join(previous, "export", name)
+        path = layout.table_dir(previous, name)
         old = table_manifest(path)
         if old is None:
             return None
