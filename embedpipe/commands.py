@@ -44,7 +44,9 @@ def neighbors(argv: list[str] | None = None) -> dict:
     table = load_table(args.table)
     if args.all:
         result = nn.write_all_neighbors(table, args.k, args.output or os.path.join(table.path, "neighbors.parquet"))
-        print(f"wrote the top {result['k']} neighbours of {result['rows']} rows to {result['path']} ({result['seconds']}s)")
+        print(
+            f"wrote the top {result['k']} neighbours of {result['rows']} rows to {result['path']} ({result['seconds']}s)"
+        )
         return {"all": result}
     index = nn.NeighborIndex(table)
     found = {key: index.neighbors(key, args.k) for key in args.keys}

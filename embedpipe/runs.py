@@ -144,7 +144,7 @@ def publish(
     if is_complete(path) and current not in (None, path) and not force:
         raise RunError(f"{path} is an older complete run and LATEST is on {current}; pass --force to roll LATEST back")
     manifest = verify(path)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     previous = current
     if not is_complete(path) and previous is not None and previous != path:
         section = drift.compare_runs(path, previous)
@@ -157,7 +157,9 @@ def publish(
             drift.check_thresholds(section, drift_limits, source)
     if not is_complete(path):
         digest = config_digest or manifest["preprocess"].get("config", {}).get("sha256", "")
-        write_json_atomically(os.path.join(path, COMPLETE), {"run_id": run_id, "completed_at": now, "config_sha256": digest})
+        write_json_atomically(
+            os.path.join(path, COMPLETE), {"run_id": run_id, "completed_at": now, "config_sha256": digest}
+        )
     pointer = {"run_id": run_id, "run_dir": f"{RUNS}/{run_id}", "published_at": now}
     write_json_atomically(os.path.join(root, LATEST), pointer)
     return pointer
@@ -188,7 +190,11 @@ def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | Coll
         if old is None:
             return None
         kind_changed = (hash_rows is not None) != (old.get("kind") == "hash")
-        if (dim != "auto" and int(dim) != old["dim"]) or kind_changed or (hash_rows is not None and hash_rows != old["rows"]):
+        if (
+            (dim != "auto" and int(dim) != old["dim"])
+            or kind_changed
+            or (hash_rows is not None and hash_rows != old["rows"])
+        ):
             _LOG.warning("warm start: %s no longer fits %s (dim, type or buckets changed); it starts fresh", name, path)
             return None
         return TableInit(path=path, trainable=True, warm_start=True)

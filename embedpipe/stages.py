@@ -191,5 +191,5 @@ def print_metric(section: dict) -> None:
     print(f"  eval {metric['name']}: {metric['value']:.4f}{best}")
     metrics = section["eval_metrics"]
     # supervised: {metric: value}; collaborative: {model or "popularity": {metric: value}}
-    for name, values in (metrics.items() if isinstance(next(iter(metrics.values())), dict) else [("", metrics)]):
+    for name, values in metrics.items() if isinstance(next(iter(metrics.values())), dict) else [("", metrics)]:
         print(f"    {name + ': ' if name else ''}" + ", ".join(f"{k} {v:.4f}" for k, v in sorted(values.items())))

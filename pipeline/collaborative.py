@@ -176,4 +176,6 @@ def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, output_dir: st
         _ = batches | "TransformAndWrite" >> TransformAndWrite(
             make_preprocessing_fn(config), tensor_adapter_config(), output_dir, id_columns
         )
-        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(layout.dead_letter_prefix(output_dir))
+        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
+            layout.dead_letter_prefix(output_dir)
+        )

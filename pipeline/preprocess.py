@@ -53,6 +53,7 @@ _LOG = logging.getLogger(__name__)
 # The in-process runner DirectRunner uses for batch pipelines, named directly (see pipeline_options).
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
+
 def tensor_adapter_config(config: Config) -> tfxio.TensorAdapterConfig:
     """How tf.Transform turns the canonical RecordBatches of `pipeline.rows` into tensors."""
     return transforms.tensor_adapter_config(raw_feature_spec(config), rows.canonical_schema(config))
@@ -80,7 +81,9 @@ def build_pipeline(p: beam.Pipeline, config: Config, output_dir: str, temp_dir: 
         _ = {TRAIN: split[TRAIN], EVAL: split[EVAL]} | "TransformAndWrite" >> TransformAndWrite(
             make_preprocessing_fn(config), tensor_adapter_config(config), output_dir, {t: t for t in config.tables}
         )
-        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(layout.dead_letter_prefix(output_dir))
+        _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
+            layout.dead_letter_prefix(output_dir)
+        )
 
 
 def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | None = None) -> dict:
@@ -126,7 +129,7 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
         result.wait_until_finish()
     elapsed = time.time() - started
     counts = _counters(result)
-    dead = {k[len("dead_letter_"):]: v for k, v in counts.items() if k.startswith("dead_letter_")}
+    dead = {k[len("dead_letter_") :]: v for k, v in counts.items() if k.startswith("dead_letter_")}
     dead_letters = layout.dead_letter_pattern(output_dir)
     rows.check_bad_fraction(counts.get("rows_read", 0), dead, config, dead_letters)  # before anything is published
     tft_output = tft.TFTransformOutput(layout.transform_dir(output_dir))
@@ -162,7 +165,11 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
         raise RuntimeError(f"row counts do not add up: {r}")  # a bug, never an input problem
     _LOG.info(
         "preprocess: %d rows read -> %d train, %d eval, %d dead-lettered (%.1fs)",
-        r["read"], r["train"], r["eval"], r["dead_letter"], elapsed,
+        r["read"],
+        r["train"],
+        r["eval"],
+        r["dead_letter"],
+        elapsed,
     )
     update_manifest(output_dir, "preprocess", section)
     return section

@@ -17,8 +17,8 @@ import csv
 import io
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +48,14 @@ BAD_INT = "bad_int"
 BAD_FLOAT = "bad_float"
 UNEXPECTED_ERROR = "unexpected_error"  # per-row code raised: a bug, caught so the row is kept
 REASONS = (
-    EMPTY_LINE, INVALID_UTF8, MALFORMED_CSV, REPEATED_HEADER, OVERSIZED_FIELD, MISSING_VALUE, BAD_INT, BAD_FLOAT,
+    EMPTY_LINE,
+    INVALID_UTF8,
+    MALFORMED_CSV,
+    REPEATED_HEADER,
+    OVERSIZED_FIELD,
+    MISSING_VALUE,
+    BAD_INT,
+    BAD_FLOAT,
     UNEXPECTED_ERROR,
 )
 
@@ -76,8 +83,12 @@ class DeadLetter:
 
     def to_json_dict(self) -> dict:
         return {
-            "reason": self.reason, "detail": self.detail, "source": self.source, "row": self.row,
-            "line": self.line, "offset": self.offset,
+            "reason": self.reason,
+            "detail": self.detail,
+            "source": self.source,
+            "row": self.row,
+            "line": self.line,
+            "offset": self.offset,
         }
 
 
@@ -366,7 +377,9 @@ def _validate(batch: pa.RecordBatch, config: DatasetConfig) -> tuple[pa.RecordBa
         _mark(reasons, columns, arr.is_null().to_numpy(zero_copy_only=False) & ~bad, MISSING_VALUE, col)
         values[col] = arr
     rejected = reasons != ""
-    rejects = [(i, reasons[i], _detail(batch, i, reasons[i], columns[i], limit)) for i in np.flatnonzero(rejected).tolist()]
+    rejects = [
+        (i, reasons[i], _detail(batch, i, reasons[i], columns[i], limit)) for i in np.flatnonzero(rejected).tolist()
+    ]
     keep = pa.array(~rejected)
     canonical = [_one_value_lists(values[col].filter(keep)) for col in config.input.columns]
     return pa.RecordBatch.from_arrays(canonical, schema=canonical_schema(config)), rejects

@@ -218,9 +218,7 @@ def generate_watch_logs(
         }
     )
     group_str = pc.cast(pa.array(item_group), pa.string())
-    title = pc.binary_join_element_wise(
-        "Group ", group_str, " movie ", pc.cast(pa.array(item_rank), pa.string()), ""
-    )
+    title = pc.binary_join_element_wise("Group ", group_str, " movie ", pc.cast(pa.array(item_rank), pa.string()), "")
     primary = pc.binary_join_element_wise("g", group_str, "")
     second_str = pc.binary_join_element_wise("|g", pc.cast(pa.array(secondary), pa.string()), "")
     genres = pc.if_else(pa.array(secondary >= 0), pc.binary_join_element_wise(primary, second_str, ""), primary)

@@ -210,7 +210,9 @@ class TransformAndWrite(beam.PTransform):
         id_columns: each table's transformed id column, for `CountIds`.
     """
 
-    def __init__(self, preprocessing_fn, adapter: tfxio.TensorAdapterConfig, output_dir: str, id_columns: dict[str, str]):
+    def __init__(
+        self, preprocessing_fn, adapter: tfxio.TensorAdapterConfig, output_dir: str, id_columns: dict[str, str]
+    ):
         super().__init__()
         self.preprocessing_fn = preprocessing_fn
         self.adapter = adapter
@@ -218,7 +220,10 @@ class TransformAndWrite(beam.PTransform):
         self.id_columns = id_columns
 
     def expand(self, splits):
-        (train, _), transform_fn = (splits[TRAIN], self.adapter) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+        (train, _), transform_fn = (
+            splits[TRAIN],
+            self.adapter,
+        ) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
             self.preprocessing_fn, output_record_batches=True
         )
         eval_, _ = ((splits[EVAL], self.adapter), transform_fn) | "TransformEval" >> tft_beam.TransformDataset(

@@ -74,14 +74,16 @@ def write_json_atomically(path: str, data: dict) -> None:
 
 def default_run_id(now: datetime.datetime | None = None) -> str:
     """The run id of a run started at `now` (default: now), e.g. `20261123T220000Z` (UTC)."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
 def check_run_id(run_id: str) -> str:
     """`run_id` itself; raises RunError unless it is safe as one directory name."""
     if not _RUN_ID.match(run_id):
-        raise RunError(f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128, not starting with . - _)")
+        raise RunError(
+            f"--run-id {run_id!r}: use letters, digits, '.', '_' and '-' (at most 128, not starting with . - _)"
+        )
     return run_id
 
 

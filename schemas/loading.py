@@ -280,7 +280,9 @@ class _Parser:
         names += [n.bucket_feature for n in numeric if n.bucketize]
         for feature_name in names:
             if not FEATURE_NAME.match(feature_name):
-                self.fail(feature_name, "a feature name must be letters, digits and underscores, not starting with a digit")
+                self.fail(
+                    feature_name, "a feature name must be letters, digits and underscores, not starting with a digit"
+                )
             if names.count(feature_name) > 1:
                 self.fail(feature_name, "feature name is used more than once")
             if feature_name in (label.column, LABEL_KEY):
@@ -323,7 +325,9 @@ class _Parser:
             self.fail("label.column", f"a regression label must be numeric, column {col!r} is a string")
         if task == "multiclass" and columns[col] == "float":
             self.fail("label.column", f"a multiclass label must be a string or int column, {col!r} is float")
-        return LabelConfig(column=col, task=task, positive=positive, loss=loss or ("mse" if task == "regression" else None))
+        return LabelConfig(
+            column=col, task=task, positive=positive, loss=loss or ("mse" if task == "regression" else None)
+        )
 
     def split(self, raw, columns) -> SplitConfig:
         m = self.mapping(raw, "split", field_names(SplitConfig))
@@ -331,7 +335,9 @@ class _Parser:
         for i, col in enumerate(key):
             self.column(col, f"split.key[{i}]", columns)
         return SplitConfig(
-            eval_percent=self.integer(m.get("eval_percent", default(SplitConfig, "eval_percent")), "split.eval_percent", 1, 99),
+            eval_percent=self.integer(
+                m.get("eval_percent", default(SplitConfig, "eval_percent")), "split.eval_percent", 1, 99
+            ),
             key=key,
             salt=str(m.get("salt", default(SplitConfig, "salt"))),
         )
@@ -364,7 +370,11 @@ class _Parser:
         kwargs["dim"] = self.dim(m.get("dim", default(CategoricalFeature, "dim")), f"{where}.dim")
         if "separator" in m:
             kwargs["separator"] = self.string(m["separator"], f"{where}.separator")
-        needs = {"vocabulary": ("top_k", "min_count", "oov_buckets"), "identity": ("num_buckets",), "hash": ("hash_buckets",)}
+        needs = {
+            "vocabulary": ("top_k", "min_count", "oov_buckets"),
+            "identity": ("num_buckets",),
+            "hash": ("hash_buckets",),
+        }
         for key in ("top_k", "min_count", "oov_buckets", "num_buckets", "hash_buckets"):
             if key in m and key not in needs[kind]:
                 self.fail(f"{where}.{key}", f"does not apply to type {kind} (it takes: {', '.join(needs[kind])})")
@@ -422,7 +432,9 @@ class _Parser:
         return NumericFeature(
             name=str(name),
             column=col,
-            normalize=self.string(m.get("normalize", default(NumericFeature, "normalize")), f"{where}.normalize", ("zscore", "none")),
+            normalize=self.string(
+                m.get("normalize", default(NumericFeature, "normalize")), f"{where}.normalize", ("zscore", "none")
+            ),
             bucketize=self.optional_integer(
                 m.get("bucketize", default(NumericFeature, "bucketize")), f"{where}.bucketize", 2, MAX_BUCKETIZE
             ),
@@ -452,11 +464,16 @@ class _Parser:
     def collaborative(self, raw: dict) -> CollaborativeConfig:
         sections = field_names(CollaborativeConfig, exclude=("source", "metadata", "eval_k") + INTERACTION_FIELDS)
         top = self.mapping(
-            raw, "", sections + ("task", "interactions", "item_metadata", "evaluation"), required=("name", "input", "interactions")
+            raw,
+            "",
+            sections + ("task", "interactions", "item_metadata", "evaluation"),
+            required=("name", "input", "interactions"),
         )
         inp = self.input(top["input"])
         columns = inp.columns
-        m = self.mapping(top["interactions"], "interactions", INTERACTION_FIELDS, required=("user", "item", "timestamp"))
+        m = self.mapping(
+            top["interactions"], "interactions", INTERACTION_FIELDS, required=("user", "item", "timestamp")
+        )
 
         def get(key):
             return m.get(key, default(CollaborativeConfig, key))
@@ -473,7 +490,9 @@ class _Parser:
                 self.fail("interactions.weight", f"column {weight!r} must be numeric")
         training = self.retrieval_training(top.get("training"))
         if "two_tower" in training.models and "auto" not in (user.dim, item.dim) and user.dim != item.dim:
-            self.fail("interactions.user.dim", f"two_tower scores u . v: the user dim must equal the item dim ({item.dim})")
+            self.fail(
+                "interactions.user.dim", f"two_tower scores u . v: the user dim must equal the item dim ({item.dim})"
+            )
         ev = self.mapping(top.get("evaluation"), "evaluation", ("k",))
         ks = ev.get("k", list(default(CollaborativeConfig, "eval_k")))
         if not isinstance(ks, list) or not ks:
@@ -516,7 +535,9 @@ class _Parser:
         md = self.mapping(raw, "item_metadata", field_names(ItemMetadata), ("path", "key", "label"))
         return ItemMetadata(
             path=self.path_value(md["path"], "item_metadata.path"),
-            format=self.string(md.get("format", default(ItemMetadata, "format")), "item_metadata.format", INPUT_FORMATS),
+            format=self.string(
+                md.get("format", default(ItemMetadata, "format")), "item_metadata.format", INPUT_FORMATS
+            ),
             key=self.string(md["key"], "item_metadata.key"),
             label=self.string(md["label"], "item_metadata.label"),
         )

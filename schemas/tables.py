@@ -39,7 +39,7 @@ class TableSpec:
         return d
 
     @classmethod
-    def from_json_dict(cls, d: dict) -> "TableSpec":
+    def from_json_dict(cls, d: dict) -> TableSpec:
         return cls(**{**d, "columns": tuple(d["columns"])})
 
 
@@ -99,7 +99,7 @@ def table_keys(spec: TableSpec, tft_output: tft.TFTransformOutput) -> list[str]:
         vocab = [_decode(t) for t in tft_output.vocabulary_by_name(spec.name)]
         keys = vocab + [f"<OOV {i}>" for i in range(spec.oov_rows)]
         if len(set(keys)) != len(keys):
-            clash = sorted(set(vocab) & set(keys[len(vocab):]))
+            clash = sorted(set(vocab) & set(keys[len(vocab) :]))
             raise ValueError(f"table {spec.name}: the value(s) {clash} collide with the OOV row keys")
         return keys
     if spec.kind == "identity":

@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tf.Transform's test case reads absl flags (temp dirs); under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()
 
-from support import TINY_YAML
+from support import TINY_YAML  # noqa: E402  (after the flags above)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from pipeline.transforms import EVAL, TRAIN
 from schemas.loading import load_config
 from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
+
 from support import TINY_WATCH_YAML
 
 with open(TINY_WATCH_YAML) as _f:
@@ -74,11 +75,16 @@ def test_models_beat_popularity_and_neighbours_share_the_planted_group(watch_run
     sims = unit @ unit.T
     np.fill_diagonal(sims, -np.inf)
     nearest = np.argsort(-sims, axis=1)[:, :5]
-    same = np.mean([group[item.keys[real[j]]] == group[item.keys[real[i]]] for i in range(len(real)) for j in nearest[i]])
+    same = np.mean(
+        [group[item.keys[real[j]]] == group[item.keys[real[i]]] for i in range(len(real)) for j in nearest[i]]
+    )
     assert same > 0.6, same  # chance is 1/6 with 6 groups
     metadata = open(os.path.join(manifest["export"]["tables"]["item"], "metadata.tsv")).read().splitlines()
     assert metadata[0] == "key\tfrequency\tlabel" and metadata[1].split("\t")[2].startswith("Group ")
-    assert json.load(open(os.path.join(out, "runs", "w1", "manifest.json")))["train"]["best_model"] in ("two_tower", "bag_of_history")
+    assert json.load(open(os.path.join(out, "runs", "w1", "manifest.json")))["train"]["best_model"] in (
+        "two_tower",
+        "bag_of_history",
+    )
     weights = manifest["train"]["history_weights"]["bag_of_history"]
     assert len(weights) == 3 and weights[0] == 1.0 and all(w > 0 for w in weights)
 

@@ -5,6 +5,7 @@ import pytest
 from embedpipe import cli
 from schemas.config import AUTO_DIM_MAX, auto_embedding_dim
 from schemas.loading import load_config
+
 from support import SMALL_CONFIG as GOOD
 from support import config_error
 
@@ -30,26 +31,58 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
     "old, new, field",
     [
         ("a: {type: vocabulary, top_k: 10}", "a: {type: vocabulary, topk: 10}", "categorical.a.topk: unknown key"),
-        ("a: {type: vocabulary, top_k: 10}", "a: {type: vocabulary, column: c}", "categorical.a.column: column 'c' is not declared"),
-        ("a: {type: vocabulary, top_k: 10}", "a: {type: vocabulary, top_k: ten}", "categorical.a.top_k: expected an integer"),
+        (
+            "a: {type: vocabulary, top_k: 10}",
+            "a: {type: vocabulary, column: c}",
+            "categorical.a.column: column 'c' is not declared",
+        ),
+        (
+            "a: {type: vocabulary, top_k: 10}",
+            "a: {type: vocabulary, top_k: ten}",
+            "categorical.a.top_k: expected an integer",
+        ),
         ("columns: [a, b]", "columns: [a, nope]", "crosses.a_x_b.columns[1]: column 'nope' is not declared"),
         ("columns: [a, b]", "columns: [a]", "crosses.a_x_b.columns: a cross needs two or more columns"),
         ("b: int,", "b: integer,", "input.columns.b: expected one of string, int, float"),
         ("task: regression", "task: ranking", "label.task: expected one of"),
-        ("a: {type: vocabulary, top_k: 10}", "b: {type: identity}", "categorical.b.num_buckets: an identity feature needs"),
-        ("a: {type: vocabulary, top_k: 10}", "a: {type: identity, num_buckets: 3}", "categorical.a.column: an identity feature needs an int"),
-        ("a: {type: vocabulary, top_k: 10}", "a: {type: hash, hash_buckets: 8, top_k: 3}", "categorical.a.top_k: does not apply"),
+        (
+            "a: {type: vocabulary, top_k: 10}",
+            "b: {type: identity}",
+            "categorical.b.num_buckets: an identity feature needs",
+        ),
+        (
+            "a: {type: vocabulary, top_k: 10}",
+            "a: {type: identity, num_buckets: 3}",
+            "categorical.a.column: an identity feature needs an int",
+        ),
+        (
+            "a: {type: vocabulary, top_k: 10}",
+            "a: {type: hash, hash_buckets: 8, top_k: 3}",
+            "categorical.a.top_k: does not apply",
+        ),
         ("name: t", "name: t\nextra: 1", "extra: unknown key"),
         ("a: {type: vocabulary, top_k: 10}", "a.b: {type: vocabulary, column: a}", "a.b: a feature name must be"),
         ("columns: {y: float, a: string, b: int, f: float}", "columns: 5", "input.columns: expected a mapping"),
         ("columns: [a, b]", "columns: [a, f]", "crosses.a_x_b.columns[1]: column 'f' is float"),
         ("path: data.csv", "path: data.csv\n  delimiter: '\\n'", "input.delimiter: expected a single character"),
-        ("a: {type: vocabulary, top_k: 10}", "f: {type: hash, hash_buckets: 9}", "categorical.f.column: column 'f' is float"),
+        (
+            "a: {type: vocabulary, top_k: 10}",
+            "f: {type: hash, hash_buckets: 9}",
+            "categorical.f.column: column 'f' is float",
+        ),
         ("task: regression", "task: multiclass", "label.column: a multiclass label must be"),
         ("task: regression", "task: binary, positive: 1", "label.positive: column 'y' is numeric"),
         ("hash_buckets: 32", "hash_buckets: 100000000000", "crosses.a_x_b.hash_buckets: expected an integer between"),
-        ("a: {type: vocabulary, top_k: 10}", "label: {type: vocabulary, column: a}", "label: a feature cannot be named"),
-        ("name: t", "name: t\ndrift: {min_neighbor_overlap: 2}", "drift.min_neighbor_overlap: expected a number between 0 and 1"),
+        (
+            "a: {type: vocabulary, top_k: 10}",
+            "label: {type: vocabulary, column: a}",
+            "label: a feature cannot be named",
+        ),
+        (
+            "name: t",
+            "name: t\ndrift: {min_neighbor_overlap: 2}",
+            "drift.min_neighbor_overlap: expected a number between 0 and 1",
+        ),
         ("name: t", "name: t\ndrift: {max_drift: 0.1}", "drift.max_drift: unknown key"),
     ],
 )

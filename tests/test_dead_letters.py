@@ -20,11 +20,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import rows
-from pipeline.preprocess import LOCAL_RUNNER, preprocess
 from pipeline.dead_letters import AddLineNumbers
+from pipeline.preprocess import LOCAL_RUNNER, preprocess
 from pipeline.sources import CsvLineBatches
 from pipeline.transforms import DEAD, ParseAndValidate, ReadRawLogs
 from schemas.loading import load_config
+
 from support import FIXTURES, TINY_YAML, config_error, tiny_yaml_text
 
 HEADER = b"delay,carrier,tail,day,hour,distance"
@@ -104,7 +105,9 @@ def make_corpus(path: str) -> list[tuple[int, int, str, bytes]]:
 
 
 def corpus_config(tmp_path, csv_path: str):
-    text = tiny_yaml_text(max_field_bytes=MAX_FIELD_BYTES, max_bad_fraction=0.5).replace("path: tiny.csv", f"path: {csv_path}")
+    text = tiny_yaml_text(max_field_bytes=MAX_FIELD_BYTES, max_bad_fraction=0.5).replace(
+        "path: tiny.csv", f"path: {csv_path}"
+    )
     path = tmp_path / "corpus.yaml"
     path.write_text(text)
     return load_config(str(path))
@@ -181,8 +184,12 @@ def test_parquet_defects_keep_their_typed_values_and_row_numbers(tiny_config):
     good, dead = rows.parse_and_validate(rows.RawRows("f.parquet", batch, range(11, 18)), tiny_config)
     assert good.num_rows == 1 and good.column("hour").to_pylist() == [[1]]
     assert [(d.line, d.reason) for d in dead] == [
-        (12, rows.MISSING_VALUE), (13, rows.MISSING_VALUE), (14, rows.BAD_INT), (15, rows.OVERSIZED_FIELD),
-        (16, rows.BAD_INT), (17, rows.BAD_FLOAT),
+        (12, rows.MISSING_VALUE),
+        (13, rows.MISSING_VALUE),
+        (14, rows.BAD_INT),
+        (15, rows.OVERSIZED_FIELD),
+        (16, rows.BAD_INT),
+        (17, rows.BAD_FLOAT),
     ]
     assert dead[0].row["delay"] == "nan" and dead[-1].row["distance"] == "inf"  # JSON has no NaN or Infinity
     assert {d.offset for d in dead} == {None} and json.dumps([d.to_json_dict() for d in dead], allow_nan=False)

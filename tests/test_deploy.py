@@ -102,7 +102,9 @@ def test_template_run_id_rule_is_the_cli_rule():
 
 def test_launcher_passes_every_template_parameter_to_the_cli(launcher):
     switches = {a.dest for a in _options(_preprocess_parser()) if a.nargs == 0}
-    values = {p["name"]: "true" if p["name"] in switches else f"gs://bucket/{p['name']}" for p in _metadata()["parameters"]}
+    values = {
+        p["name"]: "true" if p["name"] in switches else f"gs://bucket/{p['name']}" for p in _metadata()["parameters"]
+    }
     values["run_id"] = "20261123"
     beam = ["--runner=DataflowRunner", "--temp_location=gs://bucket/tmp", "--sdk_container_image=IMAGE"]
     argv = launcher.preprocess_argv([f"--{name}={value}" for name, value in values.items()] + beam)
@@ -167,7 +169,14 @@ def test_dockerfile_copies_what_the_package_and_the_template_need():
     sources = {src for *srcs, _dest in copies for src in srcs}
     for src in sources:
         assert os.path.exists(os.path.join(ROOT, src)), f"COPY source {src} is not in the repository"
-    assert {"embedpipe", "pipeline", "trainer", "schemas", "setup.py", "README.md"} <= sources  # setup.py reads README.md
+    assert {
+        "embedpipe",
+        "pipeline",
+        "trainer",
+        "schemas",
+        "setup.py",
+        "README.md",
+    } <= sources  # setup.py reads README.md
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
     py_file = re.search(r'^ENV FLEX_TEMPLATE_PYTHON_PY_FILE="(\S+)"$', text, re.M).group(1)
     assert ["deploy/dataflow/main.py", "./main.py"] in copies and py_file == f"{workdir}/main.py"
@@ -181,8 +190,15 @@ BEAM_OPTIONS = "--runner DataflowRunner --project p --region us-central1 --temp_
 
 
 def _commands(dag_module, **overrides) -> dict:
-    values = dict(config="taxi", root="gs://b/embedpipe/taxi", run_id="20261123", input="gs://b/logs/2026-11-23/*.csv",
-                  stage_options="--warm-start", beam_options=BEAM_OPTIONS, train_options="--epochs 3")
+    values = dict(
+        config="taxi",
+        root="gs://b/embedpipe/taxi",
+        run_id="20261123",
+        input="gs://b/logs/2026-11-23/*.csv",
+        stage_options="--warm-start",
+        beam_options=BEAM_OPTIONS,
+        train_options="--epochs 3",
+    )
     return dag_module.stage_commands(**{**values, **overrides})
 
 
@@ -208,6 +224,7 @@ def test_dag_commands_reach_the_stages_with_the_run_directory(dag_module, monkey
         def record(*args, **kwargs):
             calls[stage] = (*args, kwargs) if kwargs else args
             return result
+
         return record
 
     rows = {"read": 1, "train": 1, "eval": 0, "dead_letter": 0}
@@ -233,7 +250,9 @@ def test_dag_commands_reach_the_stages_with_the_run_directory(dag_module, monkey
 def test_empty_dag_input_keeps_the_configs_input(dag_module, monkeypatch, tmp_path):
     seen = []
     rows = {"read": 1, "train": 1, "eval": 0, "dead_letter": 0}
-    monkeypatch.setattr(stages, "preprocess_job", lambda config, output_dir, beam_args: seen.append(config) or {"rows": rows})
+    monkeypatch.setattr(
+        stages, "preprocess_job", lambda config, output_dir, beam_args: seen.append(config) or {"rows": rows}
+    )
     default_path = stages.resolve(_preprocess_parser().parse_args(["--config", "taxi"]))[0].input.path
     stages.preprocess(shlex.split(_commands(dag_module, input="", root=str(tmp_path))["preprocess"])[2:])
     assert seen[0].input.path == default_path

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from schemas.layout import RunError
 from schemas.config import DriftLimits
+from schemas.layout import RunError
 from trainer.drift import check_thresholds, compare_tables
 from trainer.tables import EmbeddingTable
 
@@ -36,15 +36,21 @@ def test_vocabulary_drift_and_neighbour_overlap():
 def test_a_breached_limit_names_the_field_and_the_table():
     section = {"against": "ROOT/runs/yesterday", "tables": {"item": {"new_key_traffic": 0.3, "neighbor_overlap": 0.9}}}
     check_thresholds(section, DriftLimits(max_new_key_traffic=0.5, min_neighbor_overlap=0.8), "c.yaml")  # within
-    with pytest.raises(RunError, match=r"c.yaml: drift.max_new_key_traffic: table item: 0.3 of the training rows .* \(limit 0.2\)"):
+    with pytest.raises(
+        RunError, match=r"c.yaml: drift.max_new_key_traffic: table item: 0.3 of the training rows .* \(limit 0.2\)"
+    ):
         check_thresholds(section, DriftLimits(max_new_key_traffic=0.2), "c.yaml")
     with pytest.raises(RunError, match="drift.min_neighbor_overlap: table item: 0.9 .* not published"):
         check_thresholds(section, DriftLimits(min_neighbor_overlap=0.95), "c.yaml")
 
 
 def test_hash_rows_are_buckets_not_keys():
-    old = EmbeddingTable("h", ["<hash 0>", "<hash 1>", "<hash 2>"], np.eye(3, dtype=np.float32), np.array([1, 1, 2]), {"kind": "hash"})
-    new = EmbeddingTable("h", ["<hash 0>", "<hash 1>"], np.eye(2, 3, dtype=np.float32), np.array([1, 3]), {"kind": "hash"})
+    old = EmbeddingTable(
+        "h", ["<hash 0>", "<hash 1>", "<hash 2>"], np.eye(3, dtype=np.float32), np.array([1, 1, 2]), {"kind": "hash"}
+    )
+    new = EmbeddingTable(
+        "h", ["<hash 0>", "<hash 1>"], np.eye(2, 3, dtype=np.float32), np.array([1, 3]), {"kind": "hash"}
+    )
     drift = compare_tables(new, old)
     assert drift["keys_added"] is None and drift["new_key_traffic"] is None
     assert drift["frequency_linf"] == pytest.approx(0.5)  # <hash 2> lost its 50%; <hash 1> went 25% -> 75%

@@ -14,6 +14,7 @@ from pipeline import rows
 from schemas import layout
 from schemas.config import auto_embedding_dim
 from trainer.tables import load_table
+
 from support import TINY_YAML
 
 
@@ -31,9 +32,14 @@ def test_every_input_row_is_accounted_for(run_dir):
     assert counts["read"] == 244
     assert counts["train"] + counts["eval"] == 240 and counts["eval"] > 0
     assert counts["dead_letter_by_reason"] == {
-        rows.BAD_FLOAT: 1, rows.EMPTY_LINE: 1, rows.MALFORMED_CSV: 1, rows.MISSING_VALUE: 1
+        rows.BAD_FLOAT: 1,
+        rows.EMPTY_LINE: 1,
+        rows.MALFORMED_CSV: 1,
+        rows.MISSING_VALUE: 1,
     }
-    letters = [json.loads(line) for f in glob.glob(manifest["preprocess"]["outputs"]["dead_letter"]) for line in open(f)]
+    letters = [
+        json.loads(line) for f in glob.glob(manifest["preprocess"]["outputs"]["dead_letter"]) for line in open(f)
+    ]
     assert sorted(d["reason"] for d in letters) == sorted(counts["dead_letter_by_reason"])
     assert all(d["source"].endswith("tiny.csv") for d in letters)
     assert manifest["preprocess"]["config"]["sha256"]
@@ -55,7 +61,10 @@ def test_exported_tables_have_the_right_keys_and_shapes(run_dir):
     assert hour.keys == [str(h) for h in range(24)] + ["<OOV>"] and hour.vectors.shape == (25, 3)
 
     cross = tables["day_x_hour"]
-    assert all(k.startswith("<OOV") or (k.split(" x ")[0] in {"Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"}) for k in cross.keys)
+    assert all(
+        k.startswith("<OOV") or (k.split(" x ")[0] in {"Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"})
+        for k in cross.keys
+    )
     assert cross.dim == auto_embedding_dim(len(cross)) and cross.frequencies.sum() == train_rows
     assert tables["day_x_carrier"].keys[3] == "<hash 3>" and len(tables["day_x_carrier"]) == 16
     assert tables["distance_bucket"].vectors.shape[0] == 4
@@ -114,7 +123,9 @@ def test_the_same_input_config_and_seed_give_identical_outputs(run_dir):
     out, manifest = run_dir
     config = TINY_YAML
     again = stages.run_all(["--config", config, "--output", out, "--run-id", "r2", "--epochs", "2"])
-    first, second = (os.path.join(out, "runs", r, "preprocess", "transform", "transform_fn", "assets") for r in ("r1", "r2"))
+    first, second = (
+        os.path.join(out, "runs", r, "preprocess", "transform", "transform_fn", "assets") for r in ("r1", "r2")
+    )
     assert sorted(os.listdir(first)) == sorted(os.listdir(second)) == ["carrier", "day_x_hour"]
     for name in os.listdir(first):
         assert open(os.path.join(first, name), "rb").read() == open(os.path.join(second, name), "rb").read()
@@ -139,7 +150,9 @@ def test_warm_start_begins_from_the_published_tables_by_key(run_dir):
     assert layout.latest(out) == os.path.join(out, "runs", "w1")
     drift = warm["drift"]  # compared with the run it replaced before publishing
     assert drift["against"] == previous and drift["tables"]["carrier"]["keys_added"] == 0
-    assert drift["tables"]["day_x_hour"]["new_key_traffic"] == 0 and drift["tables"]["day_x_hour"]["neighbor_overlap"] > 0
+    assert (
+        drift["tables"]["day_x_hour"]["new_key_traffic"] == 0 and drift["tables"]["day_x_hour"]["neighbor_overlap"] > 0
+    )
     from trainer.report import write_report
 
     assert "Drift since the last published run" in open(write_report(layout.latest(out))).read()

@@ -85,8 +85,10 @@ def test_feature_columns_for_identity_and_hashed_tables(tables):
     m = load_table(path).manifest
     identity = tf.feature_column.embedding_column(
         tf.feature_column.categorical_column_with_identity("hour", num_buckets=m["rows"], default_value=m["rows"] - 1),
-        m["dim"], ckpt_to_load_from=os.path.join(path, m["checkpoint"]["prefix"]),
-        tensor_name_in_ckpt=m["checkpoint"]["tensor_name"], trainable=False,
+        m["dim"],
+        ckpt_to_load_from=os.path.join(path, m["checkpoint"]["prefix"]),
+        tensor_name_in_ckpt=m["checkpoint"]["tensor_name"],
+        trainable=False,
     )
     hours = [0, 5, 23, 24, 99, -3]
     got = tf_keras.layers.DenseFeatures([identity])({"hour": tf.constant([[h] for h in hours], tf.int64)}).numpy()
@@ -96,8 +98,10 @@ def test_feature_columns_for_identity_and_hashed_tables(tables):
     m = load_table(path).manifest
     hashed = tf.feature_column.embedding_column(
         tf.feature_column.categorical_column_with_hash_bucket("cross", hash_bucket_size=m["rows"]),
-        m["dim"], ckpt_to_load_from=os.path.join(path, m["checkpoint"]["prefix"]),
-        tensor_name_in_ckpt=m["checkpoint"]["tensor_name"], trainable=False,
+        m["dim"],
+        ckpt_to_load_from=os.path.join(path, m["checkpoint"]["prefix"]),
+        tensor_name_in_ckpt=m["checkpoint"]["tensor_name"],
+        trainable=False,
     )
     keys = VOCAB + [k for k in UNSEEN if k]  # "" is a missing value to feature columns
     got = tf_keras.layers.DenseFeatures([hashed])({"cross": tf.constant([[k] for k in keys])}).numpy()
@@ -120,7 +124,9 @@ def test_keras_layer_survives_save_and_load(tables, tmp_path):
     got = inner(tf.constant(VOCAB + UNSEEN)).numpy()
     np.testing.assert_array_equal(got[: len(VOCAB)], vectors[: len(VOCAB)])
     np.testing.assert_array_equal(got[len(VOCAB) :], vectors[_tft_rows(os.path.join(path, "vocabulary.txt"), UNSEEN)])
-    np.testing.assert_array_equal(loaded.predict(tf.constant(VOCAB), verbose=0), model.predict(tf.constant(VOCAB), verbose=0))
+    np.testing.assert_array_equal(
+        loaded.predict(tf.constant(VOCAB), verbose=0), model.predict(tf.constant(VOCAB), verbose=0)
+    )
     assert embedding_layer(path, trainable=True).trainable_weights
 
     path, vectors = tables["identity"]
@@ -192,5 +198,7 @@ def test_saved_model_of_a_table_without_oov_rows(tmp_path):
     got = loaded.signatures["lookup"](keys=tf.constant(["b", "unknown"]))["vectors"].numpy()
     np.testing.assert_array_equal(got, [vectors[1], np.zeros(4, np.float32)])
     result = loaded.signatures["neighbors"](keys=tf.constant(["a", "unknown"]), k=tf.constant(2))
-    assert [k.decode() for k in result["keys"].numpy()[0]] == [k for k, _, _ in NeighborIndex(load_table(path)).neighbors("a", 2)]
+    assert [k.decode() for k in result["keys"].numpy()[0]] == [
+        k for k, _, _ in NeighborIndex(load_table(path)).neighbors("a", 2)
+    ]
     assert np.isneginf(result["scores"].numpy()[1]).all()  # an unknown key has no neighbours

@@ -26,7 +26,9 @@ import tensorflow as tf
 from embedpipe import stages
 from schemas import layout
 
-from support import TINY_WATCH_YAML, TINY_YAML as TINY
+from support import TINY_WATCH_YAML
+from support import TINY_YAML as TINY
+
 STARTUP_TIMEOUT_S = 60
 JOB_TIMEOUT_S = 300
 
@@ -55,7 +57,10 @@ def _start(args: list[str], log_path: str) -> subprocess.Popen:
     # teardown must take those down too even if a job failed before stopping its workers.
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
 
@@ -98,8 +103,10 @@ class PortableServices:
                 _stop(self.procs[name])
 
     def log_tails(self, chars: int = 4000) -> str:
-        return "\n".join(f"--- {name} log (tail) ---\n{open(path, errors='replace').read()[-chars:]}"
-                         for name, path in self.logs.items())
+        return "\n".join(
+            f"--- {name} log (tail) ---\n{open(path, errors='replace').read()[-chars:]}"
+            for name, path in self.logs.items()
+        )
 
     def run_preprocess(self, argv: list[str]) -> dict:
         """`stages.preprocess(argv)` submitted to the job service. The job runs in the job service and
@@ -111,13 +118,19 @@ class PortableServices:
         watchdog.daemon = True
         watchdog.start()
         try:
-            return stages.preprocess([
-                *argv,
-                "--runner", "PortableRunner",
-                "--job_endpoint", f"localhost:{self.ports['job_service']}",
-                "--environment_type", "EXTERNAL",
-                "--environment_config", f"localhost:{self.ports['worker_pool']}",
-            ])
+            return stages.preprocess(
+                [
+                    *argv,
+                    "--runner",
+                    "PortableRunner",
+                    "--job_endpoint",
+                    f"localhost:{self.ports['job_service']}",
+                    "--environment_type",
+                    "EXTERNAL",
+                    "--environment_config",
+                    f"localhost:{self.ports['worker_pool']}",
+                ]
+            )
         except Exception as e:
             raise AssertionError(f"portable run failed: {e!r}\n{self.log_tails()}") from e
         finally:
@@ -172,8 +185,9 @@ def _assert_same_outputs(local_out: str, local: dict, portable_out: str, portabl
     transform = layout.transform_dir
     assets = _read_dir(os.path.join(transform(local_out), "transform_fn", "assets"))
     assert _read_dir(os.path.join(transform(portable_out), "transform_fn", "assets")) == assets  # vocabularies
-    assert (_read_dir(os.path.join(transform(portable_out), "transformed_metadata"))
-            == _read_dir(os.path.join(transform(local_out), "transformed_metadata")))
+    assert _read_dir(os.path.join(transform(portable_out), "transformed_metadata")) == _read_dir(
+        os.path.join(transform(local_out), "transformed_metadata")
+    )
     for split in ("train", "eval"):
         examples = _examples(local_out, split)  # (a collaborative eval example holds several rows)
         assert examples and _examples(portable_out, split) == examples
@@ -204,18 +218,24 @@ def test_counters_fall_back_to_attempted_metrics():
     from pipeline.transforms import NAMESPACE
 
     def result(**by_kind):
-        metrics = PortableMetrics(beam_job_api_pb2.GetJobMetricsResponse(metrics=beam_job_api_pb2.MetricResults(**{
-            kind: [monitoring_infos.int64_user_counter(NAMESPACE, name, n, ptransform=f"s{i}")
-                   for i, (name, n) in enumerate(counters)]
-            for kind, counters in by_kind.items()
-        })))
+        metrics = PortableMetrics(
+            beam_job_api_pb2.GetJobMetricsResponse(
+                metrics=beam_job_api_pb2.MetricResults(
+                    **{
+                        kind: [
+                            monitoring_infos.int64_user_counter(NAMESPACE, name, n, ptransform=f"s{i}")
+                            for i, (name, n) in enumerate(counters)
+                        ]
+                        for kind, counters in by_kind.items()
+                    }
+                )
+            )
+        )
         return type("Result", (), {"metrics": lambda self: metrics})()
 
     counters = [("rows_read", 5), ("rows_read", 2), ("rows_train", 4)]
     assert preprocess._counters(result(attempted=counters)) == {"rows_read": 7, "rows_train": 4}
     assert preprocess._counters(result(committed=counters)) == {"rows_read": 7, "rows_train": 4}
-
-
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ LINES = [b"1,a,0,Mon,1", b"2,a,1,Tue,2", b"3,b,2,Mon,3", b"4,a,7,Mon,4"]
 
 class PreprocessingFnTest(tft_unit.TransformTestCase):
     test_session = None  # tf.test.TestCase's deprecated helper, not a test
+
     def test_four_rows(self):
         path = self.create_tempdir().create_file("four.yaml", CONFIG).full_path
         config = load_config(path)
@@ -74,7 +75,9 @@ class PreprocessingFnTest(tft_unit.TransformTestCase):
             parsed, _ = rows.parse_csv_lines(LINES, config, "four")
             batch, _ = rows.validate_batch(parsed, config, "four")
 
-            def only_label(inputs, fn=make_preprocessing_fn(config)):
+            fn = make_preprocessing_fn(config)
+
+            def only_label(inputs, fn=fn):
                 return {LABEL_KEY: fn(inputs)[LABEL_KEY]}
 
             self.assertAnalyzeAndTransformResults(

@@ -25,15 +25,34 @@ def run_dir(tmp_path):
     frequency = np.concatenate([np.arange(len(items) - 1, 0, -1), [7]]).astype(np.int64)  # awkward keys most frequent
     labels = [f"Title <{k}> & co" for k in items[:-1]] + [""]
     spec = TableSpec("item", "vocabulary", ("item",), len(items), 8, len(items) - 1, 1)
-    write_table(str(out / "export" / "item"), spec, items, rng.normal(size=(len(items), 8)).astype(np.float32),
-                frequency, {"output_dir": str(out)}, labels)
+    write_table(
+        str(out / "export" / "item"),
+        spec,
+        items,
+        rng.normal(size=(len(items), 8)).astype(np.float32),
+        frequency,
+        {"output_dir": str(out)},
+        labels,
+    )
     days = ["Mon", "Tue", "Wed", "<OOV 0>"]
     spec = TableSpec("dow", "vocabulary", ("dow",), 4, 2, 3, 1)
-    write_table(str(out / "export" / "dow"), spec, days, rng.normal(size=(4, 2)).astype(np.float32),
-                np.array([50, 30, 10, 10], dtype=np.int64), {"output_dir": str(out)})
+    write_table(
+        str(out / "export" / "dow"),
+        spec,
+        days,
+        rng.normal(size=(4, 2)).astype(np.float32),
+        np.array([50, 30, 10, 10], dtype=np.int64),
+        {"output_dir": str(out)},
+    )
     spec = TableSpec("tags", "hash", ("tag",), 3, 2, None, 0)
-    write_table(str(out / "export" / "tags"), spec, LINE_BREAKS, rng.normal(size=(3, 2)).astype(np.float32),
-                np.array([5, 4, 0], dtype=np.int64), {"output_dir": str(out)})
+    write_table(
+        str(out / "export" / "tags"),
+        spec,
+        LINE_BREAKS,
+        rng.normal(size=(3, 2)).astype(np.float32),
+        np.array([5, 4, 0], dtype=np.int64),
+        {"output_dir": str(out)},
+    )
     manifest = {
         "preprocess": {
             "config": {"name": "fake <run>", "path": "fake.yaml", "sha256": "ab" * 32},

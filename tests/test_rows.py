@@ -1,8 +1,8 @@
 """Row-level parsing and validation: every input line is either a good row or a dead letter."""
 
 import numpy as np
-import pytest
 import pyarrow as pa
+import pytest
 
 from pipeline import rows
 
@@ -42,7 +42,12 @@ def test_each_defect_gets_its_reason_and_keeps_the_raw_row(tiny_config):
     assert good.num_rows + len(dead) == len(lines)
     by_reason = {d.reason: d for d in dead}
     assert set(by_reason) == {
-        rows.MALFORMED_CSV, rows.INVALID_UTF8, rows.EMPTY_LINE, rows.BAD_FLOAT, rows.BAD_INT, rows.MISSING_VALUE
+        rows.MALFORMED_CSV,
+        rows.INVALID_UTF8,
+        rows.EMPTY_LINE,
+        rows.BAD_FLOAT,
+        rows.BAD_INT,
+        rows.MISSING_VALUE,
     }
     assert [d.reason for d in dead].count(rows.MALFORMED_CSV) == 2
     assert by_reason[rows.BAD_INT].row["hour"] == "three"
@@ -115,8 +120,14 @@ def test_ints_are_exact_and_out_of_range_values_are_dead_letters(tiny_config):
     assert good.column("hour").to_pylist() == [[9007199254740993]]
     assert [d.reason for d in dead] == [rows.BAD_INT, rows.BAD_FLOAT]
     typed = pa.RecordBatch.from_pydict(
-        {"delay": [1.0, 2.0, 3.0], "carrier": [7, 8, 9], "tail": ["a", "b", "c"], "day": ["x", "y", "z"],
-         "hour": [1.5, 2.0, 1e300], "distance": [1.0, 2.0, 3.0]}
+        {
+            "delay": [1.0, 2.0, 3.0],
+            "carrier": [7, 8, 9],
+            "tail": ["a", "b", "c"],
+            "day": ["x", "y", "z"],
+            "hour": [1.5, 2.0, 1e300],
+            "distance": [1.0, 2.0, 3.0],
+        }
     )
     good, dead = rows.validate_batch(typed, tiny_config, "f.parquet")
     assert good.column("hour").to_pylist() == [[2]] and good.column("carrier").to_pylist() == [[b"8"]]

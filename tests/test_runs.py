@@ -27,7 +27,12 @@ def _fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>"))
     path = layout.run_dir(str(root), run_id)
     spec = TableSpec(table, "vocabulary", ("c",), len(keys), 2, len(keys) - 1, 1)
     written = write_table(
-        os.path.join(path, "export", table), spec, list(keys), np.eye(len(keys), 2, dtype=np.float32), np.ones(len(keys), np.int64), {}
+        os.path.join(path, "export", table),
+        spec,
+        list(keys),
+        np.eye(len(keys), 2, dtype=np.float32),
+        np.ones(len(keys), np.int64),
+        {},
     )
     update_manifest(path, "preprocess", {"config": {"sha256": digest}})
     update_manifest(path, "train", {})
@@ -116,7 +121,20 @@ def test_a_run_killed_anywhere_leaves_latest_on_a_complete_run(tmp_path):
     published = "r0"
     for i, (pattern, delay) in enumerate(KILL_POINTS):
         run_id = f"k{i}"
-        command = [sys.executable, "-m", "embedpipe.cli", "run", "--config", TINY, "--output", root, "--run-id", run_id, "--epochs", "2"]
+        command = [
+            sys.executable,
+            "-m",
+            "embedpipe.cli",
+            "run",
+            "--config",
+            TINY,
+            "--output",
+            root,
+            "--run-id",
+            run_id,
+            "--epochs",
+            "2",
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # see each line as it is written
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env
@@ -154,6 +172,7 @@ def test_warm_start_skips_a_table_whose_config_changed(tmp_path):
     assert warm["carrier"].path == os.path.join(path, "export", "carrier") and warm["carrier"].trainable
     assert warm["hour"] is None  # yesterday exported no hour table
     carrier = next(f for f in config.categorical if f.name == "carrier")
-    changed = dataclasses.replace(config, categorical=tuple(
-        dataclasses.replace(f, dim=5) if f is carrier else f for f in config.categorical))
+    changed = dataclasses.replace(
+        config, categorical=tuple(dataclasses.replace(f, dim=5) if f is carrier else f for f in config.categorical)
+    )
     assert all(f.init_from is None for f in runs.warm_start(changed, str(tmp_path)).categorical)  # dim 5 != 2: fresh

@@ -102,8 +102,16 @@ def test_duplicate_ids_accumulate_like_the_dense_gradient(algorithm):
         step(tf.constant(ids), tf.constant(y))
     np.testing.assert_allclose(table.embeddings.numpy(), expected, rtol=1e-5, atol=1e-6)
     # and applying each id occurrence as its own update would give something else
-    assert not np.allclose(_reference(algorithm, [(np.array([1]), np.array([1.0], np.float32))] * 3,
-                                      expected, head.kernel.numpy(), head.bias.numpy()), expected)
+    assert not np.allclose(
+        _reference(
+            algorithm,
+            [(np.array([1]), np.array([1.0], np.float32))] * 3,
+            expected,
+            head.kernel.numpy(),
+            head.bias.numpy(),
+        ),
+        expected,
+    )
 
 
 def test_sparse_adagrad_equals_keras_adagrad():
@@ -113,8 +121,11 @@ def test_sparse_adagrad_equals_keras_adagrad():
     results = []
     for sparse in (True, False):
         table, head, variables = _toy(rows=20, dim=4, seed=2)
-        opt = (SparseAwareOptimizer(0.1, dense_optimizer=keras.optimizers.Adagrad(0.1)) if sparse
-               else keras.optimizers.Adagrad(0.1))
+        opt = (
+            SparseAwareOptimizer(0.1, dense_optimizer=keras.optimizers.Adagrad(0.1))
+            if sparse
+            else keras.optimizers.Adagrad(0.1)
+        )
         step = _step_fn(table, head, variables, opt, densify=not sparse)
         for ids in ([1, 2, 2, 9], [9, 9, 9, 0], [5, 1, 17, 17]):
             step(tf.constant(ids), tf.constant([1.0, -1.0, 0.5, 2.0]))
@@ -198,7 +209,7 @@ def test_keras_fit_and_config_round_trip():
 
 def test_checkpoint_restores_the_lazily_created_slots(tmp_path):
     batch = (tf.constant([1, 2, 2, 9]), tf.constant([1.0, -1.0, 0.5, 2.0]))
-    runs = []
+    runs, path = [], None
     for restore in (False, True):
         table, head, variables = _toy(rows=12, dim=2, seed=3)
         opt = SparseAwareOptimizer(0.1, algorithm="lazy_adam")

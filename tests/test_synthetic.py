@@ -18,7 +18,7 @@ def logs() -> WatchLogs:
 
 
 def numbers(column: pa.ChunkedArray) -> np.ndarray:
-    """"u000123" -> 123."""
+    """ "u000123" -> 123."""
     return pc.cast(pc.utf8_slice_codeunits(column, 1), pa.int64()).to_numpy()
 
 

@@ -82,4 +82,6 @@ def test_escaping_is_reversible():
 def test_a_vocabulary_key_with_a_line_break_is_refused(tmp_path):
     spec = TableSpec("v", "vocabulary", ("c",), 2, 2, 2, 0)
     with pytest.raises(ValueError, match="table v: key 'new\\\\nline' .* line break"):
-        write_table(str(tmp_path / "v"), spec, ["ok", "new\nline"], np.zeros((2, 2), np.float32), np.ones(2, np.int64), {})
+        write_table(
+            str(tmp_path / "v"), spec, ["ok", "new\nline"], np.zeros((2, 2), np.float32), np.ones(2, np.int64), {}
+        )

@@ -120,5 +120,7 @@ def test_projector_shows_every_table_with_labels(tensorboard, export_dir):
         else:
             assert lines[0] == "key\tfrequency"
     # and the Projector tab is offered at all (the plugin decides that in a background thread)
-    plugins = _until(lambda: json.loads(_get(tensorboard, "/data/plugins_listing")), lambda p: p["projector"]["enabled"])
+    plugins = _until(
+        lambda: json.loads(_get(tensorboard, "/data/plugins_listing")), lambda p: p["projector"]["enabled"]
+    )
     assert plugins["projector"]["enabled"]

@@ -17,15 +17,18 @@ import pytest
 from embedpipe import cli, stages
 from schemas.config import ConfigError, TableInit
 from schemas.loading import load_config
-from trainer.tables import load_table
 from trainer import train
-from trainer.tables import match_rows
+from trainer.tables import load_table, match_rows
+
 from support import FIXTURES, SMALL_CONFIG, TINY_YAML, config_error
 
-GOOD = SMALL_CONFIG.replace(
-    "a_x_b: {columns: [a, b], type: hash, hash_buckets: 32}",
-    "a_x_b: {columns: [a, b], type: vocabulary, init_from: {path: runs/src/export/a_x_b}}",
-) + "numeric:\n  f: {bucketize: 4}\n"
+GOOD = (
+    SMALL_CONFIG.replace(
+        "a_x_b: {columns: [a, b], type: hash, hash_buckets: 32}",
+        "a_x_b: {columns: [a, b], type: vocabulary, init_from: {path: runs/src/export/a_x_b}}",
+    )
+    + "numeric:\n  f: {bucketize: 4}\n"
+)
 
 
 def _source_table(directory, dim: int) -> str:
@@ -210,12 +213,16 @@ def test_source_dim_is_checked_again_when_training_starts(runs):
     source_dim = load_table(cross.init_from.path).dim
     other = dataclasses.replace(cross, dim=source_dim + 1)
     config = dataclasses.replace(config, categorical=config.categorical[:2] + (other,))
-    expected = rf"crosses.day_x_hour.dim: the table has dim {source_dim + 1} but the init_from table .* has dim {source_dim}"
+    expected = (
+        rf"crosses.day_x_hour.dim: the table has dim {source_dim + 1} but the init_from table .* has dim {source_dim}"
+    )
     with pytest.raises(ConfigError, match=expected):
         train.train(config, os.path.dirname(manifest["train"]["model_dir"]), epochs=1)
 
 
 def test_baseline_has_no_tables_to_start(runs):
     _, config_path, manifest = runs
-    section = train.train(load_config(config_path), os.path.dirname(manifest["train"]["model_dir"]), baseline=True, epochs=1)
+    section = train.train(
+        load_config(config_path), os.path.dirname(manifest["train"]["model_dir"]), baseline=True, epochs=1
+    )
     assert section["tables"] == {} and "transfer" not in section

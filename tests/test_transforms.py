@@ -10,7 +10,16 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from pipeline import rows
 from pipeline.preprocess import LOCAL_RUNNER
-from pipeline.transforms import DEAD, EVAL, TRAIN, ParseAndValidate, ReadRawLogs, SplitTrainEval, _count_ids, _merge_counts
+from pipeline.transforms import (
+    DEAD,
+    EVAL,
+    TRAIN,
+    ParseAndValidate,
+    ReadRawLogs,
+    SplitTrainEval,
+    _count_ids,
+    _merge_counts,
+)
 
 
 def test_read_validate_split_accounts_for_every_line(tiny_config):
@@ -57,10 +66,16 @@ def test_id_counts_merge_across_batches():
 def test_parquet_rows_keep_their_file_and_row_number(tiny_config, tmp_path):
     n = 120
     carriers = ["AA" if i % 37 else None for i in range(n)]  # rows 1, 38, 75, 112 miss their carrier
-    table = pa.table({
-        "delay": [float(i) for i in range(n)], "carrier": carriers, "tail": ["N1"] * n, "day": ["Mon"] * n,
-        "hour": list(range(n)), "distance": [1.0] * n,
-    })
+    table = pa.table(
+        {
+            "delay": [float(i) for i in range(n)],
+            "carrier": carriers,
+            "tail": ["N1"] * n,
+            "day": ["Mon"] * n,
+            "hour": list(range(n)),
+            "distance": [1.0] * n,
+        }
+    )
     paths = [str(tmp_path / f"part-{k}.parquet") for k in range(2)]
     for path in paths:
         pq.write_table(table, path, row_group_size=50)  # three row groups a file

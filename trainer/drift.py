@@ -42,7 +42,12 @@ def compare_runs(run_dir: str, previous_dir: str) -> dict:
         t = tables[name]
         _LOG.info(
             "drift %s: keys +%s/-%s, share of rows on new keys %s, L-inf %.4f, neighbour overlap %s",
-            name, t["keys_added"], t["keys_removed"], t["new_key_traffic"], t["frequency_linf"], t["neighbor_overlap"],
+            name,
+            t["keys_added"],
+            t["keys_removed"],
+            t["new_key_traffic"],
+            t["frequency_linf"],
+            t["neighbor_overlap"],
         )
     return {"against": previous_dir, "tables": tables, "not_compared": sorted(set(new) ^ set(old))}
 
@@ -56,7 +61,9 @@ def compare_tables(new: EmbeddingTable, old: EmbeddingTable) -> dict:
     total_old = max(int(old.frequencies.sum()), 1)
     new_share = {k: f / total_new for k, f in zip(new.keys, new.frequencies.tolist())}
     old_share = {k: f / total_old for k, f in zip(old.keys, old.frequencies.tolist())}
-    linf = max((abs(new_share.get(k, 0.0) - old_share.get(k, 0.0)) for k in set(new_share) | set(old_share)), default=0.0)
+    linf = max(
+        (abs(new_share.get(k, 0.0) - old_share.get(k, 0.0)) for k in set(new_share) | set(old_share)), default=0.0
+    )
     new_traffic = sum(new_share[k] for k in added) if keyed else None
     common = [k for k in new.keys[: new.real_rows] if k in old_keys]
     common.sort(key=lambda k: -new.frequencies[new.row(k)])
@@ -88,9 +95,19 @@ def _neighbor_overlap(new: EmbeddingTable, old: EmbeddingTable, keys: list[str])
 def check_thresholds(drift: dict, limits, source: str) -> None:
     """Raises `RunError` naming the config field of the first exceeded `drift:` limit."""
     checks = (
-        ("max_new_key_traffic", "new_key_traffic", lambda v, lim: v > lim, "of the training rows are on keys the last run did not have"),
+        (
+            "max_new_key_traffic",
+            "new_key_traffic",
+            lambda v, lim: v > lim,
+            "of the training rows are on keys the last run did not have",
+        ),
         ("max_frequency_linf", "frequency_linf", lambda v, lim: v > lim, "is the largest change of a key's share"),
-        ("min_neighbor_overlap", "neighbor_overlap", lambda v, lim: v < lim, f"of the top-{NEIGHBOR_K} neighbours are unchanged"),
+        (
+            "min_neighbor_overlap",
+            "neighbor_overlap",
+            lambda v, lim: v < lim,
+            f"of the top-{NEIGHBOR_K} neighbours are unchanged",
+        ),
     )
     for field, metric, breached, meaning in checks:
         limit = getattr(limits, field)

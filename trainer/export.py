@@ -228,7 +228,11 @@ def _write_formats(path: str, spec: TableSpec, keys: list[str], vectors: np.ndar
         "saved_model": {"path": formats.SAVED_MODEL, "signatures": ["lookup", "neighbors"]},
     }
     if spec.kind == "vocabulary":
-        described["vocabulary_file"] = {"path": formats.VOCABULARY, "size": spec.vocabulary_size, "num_oov_buckets": spec.oov_rows}
+        described["vocabulary_file"] = {
+            "path": formats.VOCABULARY,
+            "size": spec.vocabulary_size,
+            "num_oov_buckets": spec.oov_rows,
+        }
     return files, described
 
 

@@ -52,7 +52,10 @@ SAVED_MODEL = "saved_model"
 def write_checkpoint(path: str, name: str, vectors: np.ndarray) -> dict[str, str]:
     """One-tensor V2 checkpoint `<path>/embedding.ckpt` with tensor `name`; {file key: file name}."""
     tf.raw_ops.SaveV2(
-        prefix=os.path.join(path, CHECKPOINT), tensor_names=[name], shape_and_slices=[""], tensors=[tf.constant(vectors)]
+        prefix=os.path.join(path, CHECKPOINT),
+        tensor_names=[name],
+        shape_and_slices=[""],
+        tensors=[tf.constant(vectors)],
     )
     return dict(CHECKPOINT_FILES)
 
@@ -126,9 +129,7 @@ class TableModule(tf.Module):
         vectors = tf.gather(self.vectors, tf.maximum(rows, 0))
         return {"vectors": tf.where((rows >= 0)[:, None], vectors, tf.zeros_like(vectors))}
 
-    @tf.function(
-        input_signature=[tf.TensorSpec([None], tf.string, name="keys"), tf.TensorSpec([], tf.int32, name="k")]
-    )
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="keys"), tf.TensorSpec([], tf.int32, name="k")])
     def neighbors(self, keys, k):
         rows = self.rows_of(keys)
         query = tf.math.l2_normalize(tf.gather(self.vectors, tf.maximum(rows, 0)), axis=1)

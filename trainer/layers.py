@@ -63,7 +63,9 @@ def embedding_layer(
                 try:
                     vocabulary = np.array([int(k) for k in vocabulary], dtype=np.int64)
                 except ValueError:
-                    raise ValueError(f"table {table.name}: key_dtype='int64' but its keys are not all integers") from None
+                    raise ValueError(
+                        f"table {table.name}: key_dtype='int64' but its keys are not all integers"
+                    ) from None
         buckets = max(oov, 1)
         options = dict(vocabulary=vocabulary, num_oov_indices=buckets, name=f"{name}_lookup")
         if key_dtype == "string":

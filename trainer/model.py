@@ -88,7 +88,9 @@ def set_rows(layer: keras.layers.Embedding, rows: np.ndarray, vectors: np.ndarra
     matrix = np.array(layer.embeddings.numpy())
     rows = np.asarray(rows, dtype=np.int64)
     if vectors.shape != (len(rows), matrix.shape[1]):
-        raise ValueError(f"table {layer.name}: {len(rows)} rows of dim {matrix.shape[1]} expected, got vectors {vectors.shape}")
+        raise ValueError(
+            f"table {layer.name}: {len(rows)} rows of dim {matrix.shape[1]} expected, got vectors {vectors.shape}"
+        )
     matrix[rows] = vectors
     layer.embeddings.assign(matrix)
 

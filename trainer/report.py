@@ -100,9 +100,14 @@ def _summary(output_dir: str, manifest: dict, tables: dict) -> str:
     ]
     if rows:
         reasons = ", ".join(f"{_e(k)} {v:,}" for k, v in sorted(rows.get("dead_letter_by_reason", {}).items()))
-        facts.append(("rows", f"{rows.get('read', 0):,} read &middot; {rows.get('train', 0):,} train &middot; "
-                              f"{rows.get('eval', 0):,} eval &middot; {rows.get('dead_letter', 0):,} dead-lettered"
-                              + (f" <span class=dim>({reasons})</span>" if reasons else "")))
+        facts.append(
+            (
+                "rows",
+                f"{rows.get('read', 0):,} read &middot; {rows.get('train', 0):,} train &middot; "
+                f"{rows.get('eval', 0):,} eval &middot; {rows.get('dead_letter', 0):,} dead-lettered"
+                + (f" <span class=dim>({reasons})</span>" if reasons else ""),
+            )
+        )
     if "users_evaluated" in pre:
         facts.append(("users evaluated", f"{pre['users_evaluated']:,}"))
     if train:
@@ -117,8 +122,14 @@ def _summary(output_dir: str, manifest: dict, tables: dict) -> str:
     if timings:
         facts.append(("timings", " &middot; ".join(f"{_e(k)} {v:.1f}s" for k, v in timings.items())))
     if manifest.get("package_versions"):
-        facts.append(("packages", "<span class=dim>" + ", ".join(
-            f"{_e(k)} {_e(v)}" for k, v in manifest["package_versions"].items()) + "</span>"))
+        facts.append(
+            (
+                "packages",
+                "<span class=dim>"
+                + ", ".join(f"{_e(k)} {_e(v)}" for k, v in manifest["package_versions"].items())
+                + "</span>",
+            )
+        )
     body = "<dl class=facts>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts if v) + "</dl>"
     for section, caption in (("train", "eval metrics"), ("baseline", "baseline eval metrics (no embedding tables)")):
         if manifest.get(section, {}).get("eval_metrics"):
@@ -152,8 +163,13 @@ def _training_curves(output_dir: str, manifest: dict) -> list[tuple[str, str, di
         for metric, series in _group_history(history).items():
             charts.append((prefix + metric, "epoch", series))
         for model, weights in section.get("history_weights", {}).items():
-            charts.append((f"{prefix}{model}: weight of the history item at each position", "position (0 = newest)",
-                           {"weight": weights}))
+            charts.append(
+                (
+                    f"{prefix}{model}: weight of the history item at each position",
+                    "position (0 = newest)",
+                    {"weight": weights},
+                )
+            )
     return charts
 
 
@@ -184,8 +200,11 @@ def _training(output_dir: str, manifest: dict) -> str:
     charts = _training_curves(output_dir, manifest)
     if not charts:
         return "<section><h2>Training</h2><p class=dim>No per-epoch curves in this run's manifest.</p></section>"
-    figures = "".join(f"<figure><figcaption class=title>{_e(title)}{_legend(series)}</figcaption>"
-                      f"{_line_chart(series, x_label)}</figure>" for title, x_label, series in charts)
+    figures = "".join(
+        f"<figure><figcaption class=title>{_e(title)}{_legend(series)}</figcaption>"
+        f"{_line_chart(series, x_label)}</figure>"
+        for title, x_label, series in charts
+    )
     return f"<section><h2>Training</h2><div class=charts>{figures}</div></section>"
 
 
@@ -236,8 +255,10 @@ def _line_chart(series: dict[str, list[float]], x_label: str, width: int = 400, 
 
     out = [f'<svg class=chart width="{width}" height="{height}" viewBox="0 0 {width} {height}">']
     for t in y_ticks:
-        out.append(f'<line class=grid x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
-                   f'<text class=tick x="{left - 5}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text>')
+        out.append(
+            f'<line class=grid x1="{left}" x2="{left + pw}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
+            f'<text class=tick x="{left - 5}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:.4g}</text>'
+        )
     for t in _int_ticks(x0, x1):
         out.append(f'<text class=tick x="{sx(t):.1f}" y="{top + ph + 15}" text-anchor="middle">{t}</text>')
     out.append(f'<rect class=frame x="{left}" y="{top}" width="{pw}" height="{ph}"/>')
@@ -247,8 +268,10 @@ def _line_chart(series: dict[str, list[float]], x_label: str, width: int = 400, 
         points = [(sx(x0 + j), sy(v)) for j, v in enumerate(vs) if _finite(v)]
         if len(points) > 1:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}">'
-                       f"<title>{_e(name)}</title></polyline>")
+            out.append(
+                f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}">'
+                f"<title>{_e(name)}</title></polyline>"
+            )
         if len(points) <= 30:
             out.extend(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>' for x, y in points)
     out.append("</svg>")
@@ -283,19 +306,36 @@ def _table_section(table: EmbeddingTable) -> str:
     rule = round(rule_of**0.25)
     facts = [
         ("kind", f"{_e(m.get('kind', '?'))} of {_e(', '.join(m.get('columns', [])))}"),
-        ("rows", f"{rows:,}" + (f" ({vocabulary:,} vocabulary + {rows - real} OOV)" if vocabulary else
-                                 f" ({rows - real} OOV)" if rows > real else "")),
-        ("dimension", f"<b>{dim}</b> &middot; fourth-root rule: round({rule_of:,}<sup>1/4</sup>) = {rule}"
-                      + ("" if dim == rule else f" <span class=dim>({'+' if dim > rule else ''}{dim - rule})</span>")
-                      + f" <span class=dim>&middot; <code>dim: auto</code> = {auto_embedding_dim(rows)} "
-                        f"(rows incl. OOV, clamped to [2, 64])</span>"),
+        (
+            "rows",
+            f"{rows:,}"
+            + (
+                f" ({vocabulary:,} vocabulary + {rows - real} OOV)"
+                if vocabulary
+                else f" ({rows - real} OOV)"
+                if rows > real
+                else ""
+            ),
+        ),
+        (
+            "dimension",
+            f"<b>{dim}</b> &middot; fourth-root rule: round({rule_of:,}<sup>1/4</sup>) = {rule}"
+            + ("" if dim == rule else f" <span class=dim>({'+' if dim > rule else ''}{dim - rule})</span>")
+            + f" <span class=dim>&middot; <code>dim: auto</code> = {auto_embedding_dim(rows)} "
+            f"(rows incl. OOV, clamped to [2, 64])</span>",
+        ),
     ]
     if total == 0:
         facts.append(("coverage", "<span class=dim>no training occurrences recorded</span>"))
     elif rows > real:
         share = oov / total
-        facts.append(("coverage", f"<b>{1 - share:.2%}</b> of {total:,} training occurrences have their own row; "
-                                  f"{oov:,} ({share:.2%}) fall into the {rows - real} OOV row(s)"))
+        facts.append(
+            (
+                "coverage",
+                f"<b>{1 - share:.2%}</b> of {total:,} training occurrences have their own row; "
+                f"{oov:,} ({share:.2%}) fall into the {rows - real} OOV row(s)",
+            )
+        )
     else:
         facts.append(("coverage", f"no OOV rows: every one of {total:,} training occurrences has a row"))
     if total:
@@ -307,8 +347,10 @@ def _table_section(table: EmbeddingTable) -> str:
     neighbors = _neighbors_table(table, frequency)
     dl = "<dl class=facts>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
     name = _e(table.name)
-    return (f'<section id="table-{name}"><h2>Table <code>{name}</code></h2>{dl}'
-            f"<div class=table-body><figure>{scatter}</figure><div>{neighbors}</div></div></section>")
+    return (
+        f'<section id="table-{name}"><h2>Table <code>{name}</code></h2>{dl}'
+        f"<div class=table-body><figure>{scatter}</figure><div>{neighbors}</div></div></section>"
+    )
 
 
 def pca_2d(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -337,15 +379,19 @@ def _pca_scatter(table: EmbeddingTable, shown: np.ndarray, real: int, width: int
     frequency = np.asarray(table.frequencies)[shown].astype(np.float64)
     radius = 1.6 + 3.4 * np.log1p(frequency) / max(np.log1p(frequency.max()), 1e-9)
     labels = table.labels
-    out = [f'<svg class=scatter width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
-           f'<rect class=frame x="0.5" y="0.5" width="{width - 1}" height="{height - 1}"/>']
+    out = [
+        f'<svg class=scatter width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
+        f'<rect class=frame x="0.5" y="0.5" width="{width - 1}" height="{height - 1}"/>',
+    ]
     # least frequent first, so that the frequent points are drawn on top; OOV rows last
     for i in sorted(range(len(shown)), key=lambda i: (shown[i] >= real, -i)):
         row = int(shown[i])
         cls, r = ("oov", max(radius[i], 3.0)) if row >= real else ("top" if i < LABELLED else "pt", radius[i])
         tip = _display(table.keys[row]) + (f" — {_display(labels[row])}" if labels and labels[row] else "")
-        out.append(f'<circle class={cls} cx="{xy[i, 0]:.1f}" cy="{xy[i, 1]:.1f}" r="{r:.1f}">'
-                   f"<title>{_e(tip)} ({int(frequency[i]):,})</title></circle>")
+        out.append(
+            f'<circle class={cls} cx="{xy[i, 0]:.1f}" cy="{xy[i, 1]:.1f}" r="{r:.1f}">'
+            f"<title>{_e(tip)} ({int(frequency[i]):,})</title></circle>"
+        )
     placed: list[tuple[float, float, float, float]] = []
     for i in range(min(LABELLED, len(shown))):
         row = int(shown[i])
@@ -357,18 +403,28 @@ def _pca_scatter(table: EmbeddingTable, shown: np.ndarray, real: int, width: int
     out.append("</svg>")
     wanted = min(LABELLED, len(shown))
     crowded = f" ({wanted - len(placed)} left out where they would overlap)" if len(placed) < wanted else ""
-    caption = (f"PCA of the {len(shown):,} most frequent rows (PC1 {share[0]:.0%}, PC2 {share[1]:.0%} of their "
-               f"variance); dark, labelled: the {wanted} most frequent{crowded}"
-               + ("; <span class=oov-key>red</span>: OOV rows" if (shown >= real).any() else "")
-               + "; hover a point for its key and training count.")
+    caption = (
+        f"PCA of the {len(shown):,} most frequent rows (PC1 {share[0]:.0%}, PC2 {share[1]:.0%} of their "
+        f"variance); dark, labelled: the {wanted} most frequent{crowded}"
+        + ("; <span class=oov-key>red</span>: OOV rows" if (shown >= real).any() else "")
+        + "; hover a point for its key and training count."
+    )
     return "".join(out) + f"<figcaption>{caption}</figcaption>"
 
 
 def _place_label(x, y, w, h, placed, width, height) -> tuple[float, float, float, float] | None:
     """A box for a label next to (x, y) that overlaps no label placed so far, or None."""
     for d in (4, 12):
-        for cx, cy in ((x + d, y - h / 2), (x - d - w, y - h / 2), (x - w / 2, y - d - h), (x - w / 2, y + d),
-                       (x + d, y - h - d / 2), (x + d, y + d / 2), (x - d - w, y - h - d / 2), (x - d - w, y + d / 2)):
+        for cx, cy in (
+            (x + d, y - h / 2),
+            (x - d - w, y - h / 2),
+            (x - w / 2, y - d - h),
+            (x - w / 2, y + d),
+            (x + d, y - h - d / 2),
+            (x + d, y + d / 2),
+            (x - d - w, y - h - d / 2),
+            (x - d - w, y + d / 2),
+        ):
             cx, cy = min(max(cx, 2), width - w - 2), min(max(cy, 2), height - h - 2)
             if all(cx + w <= bx or bx + bw <= cx or cy + h <= by or by + bh <= cy for bx, by, bw, bh in placed):
                 return cx, cy, w, h
@@ -393,8 +449,10 @@ def _neighbors_table(table: EmbeddingTable, frequency: np.ndarray) -> str:
         query = _key_html(table.keys[row], labels[row] if labels else "")
         rows.append(f"<tr><th>{query}<span class=score>{int(frequency[row]):,}&times;</span></th>{cells}</tr>")
     head = "<tr><th>key (training count)</th>" + "".join(f"<th>#{i + 1}</th>" for i in range(k)) + "</tr>"
-    return (f"<table class=neighbors><caption>Nearest neighbours of the {len(queries)} most frequent keys, with "
-            f"their cosine similarity (OOV rows are never returned)</caption>{head}{''.join(rows)}</table>")
+    return (
+        f"<table class=neighbors><caption>Nearest neighbours of the {len(queries)} most frequent keys, with "
+        f"their cosine similarity (OOV rows are never returned)</caption>{head}{''.join(rows)}</table>"
+    )
 
 
 def _key_html(key: str, label: str) -> str:

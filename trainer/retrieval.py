@@ -57,8 +57,12 @@ class TwoTower(keras.Model):
         super().__init__()
         if user_dim != item_dim:
             raise ValueError(f"two_tower needs one dimension for both tables, got user {user_dim}, item {item_dim}")
-        self.user_table = SparseEmbedding(users, user_dim, embeddings_initializer=_init(user_dim), name="user_embedding")
-        self.item_table = SparseEmbedding(items, item_dim, embeddings_initializer=_init(item_dim), name="item_embedding")
+        self.user_table = SparseEmbedding(
+            users, user_dim, embeddings_initializer=_init(user_dim), name="user_embedding"
+        )
+        self.item_table = SparseEmbedding(
+            items, item_dim, embeddings_initializer=_init(item_dim), name="item_embedding"
+        )
 
     def query(self, user, history):
         return self.user_table(user)
@@ -70,7 +74,9 @@ class TwoTower(keras.Model):
 class BagOfHistory(keras.Model):
     def __init__(self, items: int, item_dim: int, max_history: int):
         super().__init__()
-        self.item_table = SparseEmbedding(items, item_dim, embeddings_initializer=_init(item_dim), name="item_embedding")
+        self.item_table = SparseEmbedding(
+            items, item_dim, embeddings_initializer=_init(item_dim), name="item_embedding"
+        )
         # log-weight of the item at each position from the end of the history (0 = newest)
         self.recency = self.add_weight(shape=(max_history,), initializer="zeros", name="recency_logits")
 
@@ -124,7 +130,9 @@ def in_batch_softmax_loss(query, candidates, targets, log_q, weights):
     return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1e-9)
 
 
-def fit(model, data: dict, log_q: tf.Tensor, *, batch_size: int, epochs: int, learning_rate: float, seed: int, name: str):
+def fit(
+    model, data: dict, log_q: tf.Tensor, *, batch_size: int, epochs: int, learning_rate: float, seed: int, name: str
+):
     """Trains `model` on the train examples; returns the mean loss of each epoch."""
     needs_history = isinstance(model, BagOfHistory)
     weights = data["weight"] * (tf.cast(data["history"].row_lengths() > 0, tf.float32) if needs_history else 1.0)
@@ -150,7 +158,9 @@ def fit(model, data: dict, log_q: tf.Tensor, *, batch_size: int, epochs: int, le
         for user, hist, target, weight in ds:
             losses.append(float(step(user, hist, target, weight)))
         history.append(float(np.mean(losses)))
-        _LOG.info("train %s: epoch %d/%d loss %.4f (%.1fs)", name, epoch + 1, epochs, history[-1], time.time() - started)
+        _LOG.info(
+            "train %s: epoch %d/%d loss %.4f (%.1fs)", name, epoch + 1, epochs, history[-1], time.time() - started
+        )
     return history
 
 
@@ -197,8 +207,22 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
     counts = np.bincount(train_data["targets"].flat_values.numpy(), minlength=items.rows).astype(np.float64)
     log_q = tf.constant(np.log(np.maximum(counts, 1.0) / counts.sum()), tf.float32)
     vocab = items.vocabulary_size
-    results = {"popularity": evaluate(np.ones((len(eval_data["user"]), 1), np.float32), counts[:vocab, None].astype(np.float32), eval_data["seen"], eval_data["targets"], config.eval_k)}
-    _LOG.info("train: %d train examples, %d eval users, %d items; popularity %s", len(train_data["user"]), len(eval_data["user"]), vocab, _fmt(results["popularity"]))
+    results = {
+        "popularity": evaluate(
+            np.ones((len(eval_data["user"]), 1), np.float32),
+            counts[:vocab, None].astype(np.float32),
+            eval_data["seen"],
+            eval_data["targets"],
+            config.eval_k,
+        )
+    }
+    _LOG.info(
+        "train: %d train examples, %d eval users, %d items; popularity %s",
+        len(train_data["user"]),
+        len(eval_data["user"]),
+        vocab,
+        _fmt(results["popularity"]),
+    )
     losses, history_weights, warm = {}, {}, {}
     for name in t.models:
         if name == "two_tower":
@@ -206,7 +230,16 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         else:
             model = BagOfHistory(items.rows, items.dim, config.max_history)
         warm[name] = _warm_start(model, config, specs, tft_output)
-        losses[name] = fit(model, train_data, log_q, batch_size=t.batch_size, epochs=epochs or t.epochs, learning_rate=t.learning_rate, seed=t.seed, name=name)
+        losses[name] = fit(
+            model,
+            train_data,
+            log_q,
+            batch_size=t.batch_size,
+            epochs=epochs or t.epochs,
+            learning_rate=t.learning_rate,
+            seed=t.seed,
+            name=name,
+        )
         query = model.query(eval_data["user"], eval_data["history"]).numpy()
         tables = model.tables()
         results[name] = evaluate(query, tables["item"][:vocab], eval_data["seen"], eval_data["targets"], config.eval_k)
@@ -256,7 +289,9 @@ def _warm_start(model, config: CollaborativeConfig, specs: dict, tft_output) -> 
             "matched_keys": match.matched_keys,
             "match_rate": round(len(match.rows) / spec.rows, 4),
         }
-        _LOG.info("warm start: %s %d of %d rows from %s", side.name, len(match.rows), spec.rows, report[side.name]["source"])
+        _LOG.info(
+            "warm start: %s %d of %d rows from %s", side.name, len(match.rows), spec.rows, report[side.name]["source"]
+        )
     return report
 
 

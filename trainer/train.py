@@ -205,7 +205,9 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
         **({"transfer": transfer_section} if transfer_section else {}),
         "timings_s": {"train": round(elapsed, 2)},
     }
-    _LOG.info("train: eval %s = %.4f after %d epochs (%.1fs)", headline, metrics[headline], section["epochs_run"], elapsed)
+    _LOG.info(
+        "train: eval %s = %.4f after %d epochs (%.1fs)", headline, metrics[headline], section["epochs_run"], elapsed
+    )
     update_manifest(output_dir, "baseline" if baseline else "train", section)
     return section
 

@@ -39,8 +39,8 @@ def _variable(name: str, default: str | None = None) -> str:
     """A Jinja expression for an Airflow Variable, rendered when the task runs."""
     # Double quotes inside: the command builder wraps values in single quotes.
     if default is None:
-        return "{{ var.value.%s }}" % name  # a missing Variable fails the task, naming it
-    return '{{ var.value.get("%s", "%s") }}' % (name, default)
+        return "{{ var.value." + name + " }}"  # a missing Variable fails the task, naming it
+    return '{{ var.value.get("' + name + '", "' + default + '") }}'
 
 
 # Run-date placeholders in the input pattern, replaced when the task runs.
@@ -110,7 +110,7 @@ def build_dag():
         dag_id=DAG_ID,
         description="embedpipe preprocess -> train -> export -> publish, run id = run date",
         schedule="@daily",
-        start_date=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc),
+        start_date=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
         catchup=False,
         # One run at a time: runs share ROOT, and publish moves LATEST to whichever finishes last.
         max_active_runs=1,

@@ -87,7 +87,9 @@ def prepare(dataset: str, out: str, reuse: bool):
     else:
         started = time.perf_counter()
         rows = preprocess.preprocess(config, out)["rows"]
-        print(f"preprocess: {rows['read']} rows -> {rows['train']} train, {rows['eval']} eval ({time.perf_counter() - started:.1f}s)")
+        print(
+            f"preprocess: {rows['read']} rows -> {rows['train']} train, {rows['eval']} eval ({time.perf_counter() - started:.1f}s)"
+        )
     return config
 
 
@@ -148,7 +150,9 @@ def train_matrix(split: dict):
         (values[keep], (users[keep], items[keep])), shape=(split["user_rows"], split["vocab"]), dtype=np.float32
     )
     matrix.sum_duplicates()
-    print(f"ALS matrix: {matrix.shape[0]} users x {matrix.shape[1]} items, {matrix.nnz} non-zeros ({(~keep).sum()} OOV dropped)")
+    print(
+        f"ALS matrix: {matrix.shape[0]} users x {matrix.shape[1]} items, {matrix.nnz} non-zeros ({(~keep).sum()} OOV dropped)"
+    )
     return matrix
 
 
@@ -156,7 +160,9 @@ def _numpy(factors) -> np.ndarray:
     return np.asarray(factors.to_numpy() if hasattr(factors, "to_numpy") else factors, dtype=np.float32)
 
 
-def fit_als(matrix, split: dict, ks, factors: int, regularization: float, alpha: float, seed: int) -> tuple[dict, float]:
+def fit_als(
+    matrix, split: dict, ks, factors: int, regularization: float, alpha: float, seed: int
+) -> tuple[dict, float]:
     from implicit.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
@@ -165,8 +171,12 @@ def fit_als(matrix, split: dict, ks, factors: int, regularization: float, alpha:
     # implicit runs its own threads; a threaded BLAS underneath only fights them (and it warns).
     with threadpool_limits(1, "blas"):
         model = AlternatingLeastSquares(
-            factors=factors, regularization=regularization, alpha=alpha, iterations=ALS_ITERATIONS,
-            use_gpu=False, random_state=seed,
+            factors=factors,
+            regularization=regularization,
+            alpha=alpha,
+            iterations=ALS_ITERATIONS,
+            use_gpu=False,
+            random_state=seed,
         )
         started = time.perf_counter()
         model.fit(matrix, show_progress=False)
@@ -221,14 +231,22 @@ def explore(config, out: str, split: dict, variants: list[dict]) -> list:
             model = retrieval.BagOfHistory(split["item_rows"], dim, config.max_history)
         started = time.perf_counter()
         retrieval.fit(
-            model, split["train"], log_q if v["logq"] else no_q, batch_size=v["batch_size"], epochs=v["epochs"],
-            learning_rate=v["learning_rate"], seed=t.seed, name=v["model"],
+            model,
+            split["train"],
+            log_q if v["logq"] else no_q,
+            batch_size=v["batch_size"],
+            epochs=v["epochs"],
+            learning_rate=v["learning_rate"],
+            seed=t.seed,
+            name=v["model"],
         )
         seconds = time.perf_counter() - started
         query = model.query(split["eval"]["user"], split["eval"]["history"]).numpy()
         item = model.tables()["item"][: split["vocab"]]
         metrics = retrieval.evaluate(query, item, split["eval"]["seen"], split["eval"]["targets"], config.eval_k)
-        label = f"{v['model']} dim={dim} lr={v['learning_rate']:g} ep={v['epochs']} bs={v['batch_size']}" + ("" if v["logq"] else " no-logQ")
+        label = f"{v['model']} dim={dim} lr={v['learning_rate']:g} ep={v['epochs']} bs={v['batch_size']}" + (
+            "" if v["logq"] else " no-logQ"
+        )
         rows.append({"label": label, "metrics": metrics, "fit_s": seconds})
         print(f"  {label:<58} {_fmt(metrics)}  fit {seconds:.1f}s", flush=True)
     return rows
@@ -255,7 +273,9 @@ def explore_variants(models, quick: bool) -> list[dict]:
 
 
 def _fmt(metrics: dict) -> str:
-    return f"R@{HEADLINE_K} {metrics[f'recall@{HEADLINE_K}']:.4f}  NDCG@{HEADLINE_K} {metrics[f'ndcg@{HEADLINE_K}']:.4f}"
+    return (
+        f"R@{HEADLINE_K} {metrics[f'recall@{HEADLINE_K}']:.4f}  NDCG@{HEADLINE_K} {metrics[f'ndcg@{HEADLINE_K}']:.4f}"
+    )
 
 
 def report(dataset: str, ours: dict, our_fit: dict, als_rows: list, als_default: dict, explored: list) -> None:
@@ -263,21 +283,32 @@ def report(dataset: str, ours: dict, our_fit: dict, als_rows: list, als_default:
     best_als = max(als_rows, key=lambda row: row["metrics"][r])
     models = [m for m in ours if m != "popularity"]
     table = [(f"ours: {m}", ours[m], our_fit.get(m)) for m in models]
-    table.append((f"ALS best of grid+defaults (f={best_als['factors']}, reg={best_als['regularization']:g}, alpha={best_als['alpha']:g})", best_als["metrics"], best_als["fit_s"]))
+    table.append(
+        (
+            f"ALS best of grid+defaults (f={best_als['factors']}, reg={best_als['regularization']:g}, alpha={best_als['alpha']:g})",
+            best_als["metrics"],
+            best_als["fit_s"],
+        )
+    )
     table.append(("ALS implicit defaults (f=100, reg=0.01, alpha=1)", als_default["metrics"], als_default["fit_s"]))
     table.append(("popularity (manifest)", ours["popularity"], None))
     if explored:
         top = max(explored, key=lambda row: row["metrics"][r])
         table.append((f"explore best: {top['label']}", top["metrics"], top["fit_s"]))
     width = max(len(name) for name, _, _ in table)
-    print(f"\n== {dataset}: same split, same trainer.retrieval.evaluate (all vocabulary items ranked, seen excluded) ==")
+    print(
+        f"\n== {dataset}: same split, same trainer.retrieval.evaluate (all vocabulary items ranked, seen excluded) =="
+    )
     print(f"{'model':<{width}}  {'Recall@20':>9}  {'NDCG@20':>8}  {'fit s':>7}")
     for name, metrics, seconds in table:
         fit_s = "-" if seconds is None else f"{seconds:.1f}"
         print(f"{name:<{width}}  {metrics[r]:>9.4f}  {metrics[n]:>8.4f}  {fit_s:>7}")
     best = max(models, key=lambda m: ours[m][r])
     ours_r, als_r, pop_r = ours[best][r], best_als["metrics"][r], ours["popularity"][r]
-    verdict = lambda a, b: "BEATS" if a > b else "LOSES TO"
+
+    def verdict(a, b):
+        return "BEATS" if a > b else "LOSES TO"
+
     print(
         f"our best ({best}, R@20 {ours_r:.4f}) {verdict(ours_r, als_r)} ALS-best (R@20 {als_r:.4f}, "
         f"{100 * (ours_r / als_r - 1):+.0f}%) and {verdict(ours_r, pop_r)} popularity (R@20 {pop_r:.4f}, "

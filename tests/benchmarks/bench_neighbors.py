@@ -45,7 +45,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(args.clusters, args.dim)).astype(np.float32)
-    vectors = centres[rng.integers(args.clusters, size=args.rows)] + 0.5 * rng.normal(size=(args.rows, args.dim)).astype(np.float32)
+    vectors = centres[rng.integers(args.clusters, size=args.rows)] + 0.5 * rng.normal(
+        size=(args.rows, args.dim)
+    ).astype(np.float32)
     keys = [f"m{i:07d}" for i in range(args.rows - 1)] + ["<OOV 0>"]
     frequency = rng.zipf(1.3, size=args.rows).astype(np.int64)
     spec = TableSpec("item", "vocabulary", ("item",), args.rows, args.dim, args.rows - 1, 1)
@@ -61,7 +63,9 @@ def main() -> None:
         t0 = time.perf_counter()
         index.neighbors(key, 10)
         latencies.append((time.perf_counter() - t0) * 1000)
-    print(f"single query (top 10 of {args.rows}): median {np.median(latencies):.1f} ms, p95 {np.percentile(latencies, 95):.1f} ms")
+    print(
+        f"single query (top 10 of {args.rows}): median {np.median(latencies):.1f} ms, p95 {np.percentile(latencies, 95):.1f} ms"
+    )
     import tensorflow as tf
 
     started = time.perf_counter()
@@ -74,7 +78,9 @@ def main() -> None:
             served.signatures[name](keys=tf.constant([key]), **kwargs)
             latencies[name].append((time.perf_counter() - t0) * 1000)
     for name, values in latencies.items():
-        print(f"SavedModel `{name}` signature, one key: median {np.median(values):.1f} ms, p95 {np.percentile(values, 95):.1f} ms")
+        print(
+            f"SavedModel `{name}` signature, one key: median {np.median(values):.1f} ms, p95 {np.percentile(values, 95):.1f} ms"
+        )
     if not args.skip_all:
         rss_before = peak_rss_mib()
         result = neighbors.write_all_neighbors(table, args.k, os.path.join(args.dir, "neighbors.parquet"))

@@ -130,7 +130,11 @@ def prepare(work: str, scales: list[int]) -> None:
             if k:
                 day = pc.index_in(t.column("dow"), value_set=pa.array(DAYS)).to_numpy()
                 shifted = pc.take(pa.array(DAYS, pa.string()), pa.array((day + k) % 7))
-                t = t.set_column(t.schema.get_field_index("dow"), pa.field("dow", t.schema.field("dow").type), shifted.cast(t.schema.field("dow").type))
+                t = t.set_column(
+                    t.schema.get_field_index("dow"),
+                    pa.field("dow", t.schema.field("dow").type),
+                    shifted.cast(t.schema.field("dow").type),
+                )
             copies.append(t)
         table = pa.concat_tables(copies)
         for fmt in ("parquet", "csv"):
@@ -266,7 +270,11 @@ def reference(config, output_dir: str) -> dict:
         outputs[LABEL_KEY] = pc.cast(y, pa.float32()).to_numpy(zero_copy_only=False)
     elif task == "binary":
         if config.label.positive is not None:
-            outputs[LABEL_KEY] = pc.equal(_as_string(y), pa.scalar(config.label.positive.encode(), pa.large_binary())).to_numpy(zero_copy_only=False).astype(np.int64)
+            outputs[LABEL_KEY] = (
+                pc.equal(_as_string(y), pa.scalar(config.label.positive.encode(), pa.large_binary()))
+                .to_numpy(zero_copy_only=False)
+                .astype(np.int64)
+            )
         else:
             outputs[LABEL_KEY] = (y.to_numpy(zero_copy_only=False) != 0).astype(np.int64)
     else:
@@ -285,7 +293,9 @@ def reference(config, output_dir: str) -> dict:
             names.append(name)
         batch = pa.RecordBatch.from_arrays(arrays, names=names)
         with tf.io.TFRecordWriter(os.path.join(data_dir, f"{split}-00000-of-00001.tfrecord.gz"), "GZIP") as writer:
-            for start in range(0, batch.num_rows, ENCODE_ROWS):  # slices: all serialized records at once would cost memory
+            for start in range(
+                0, batch.num_rows, ENCODE_ROWS
+            ):  # slices: all serialized records at once would cost memory
                 for record in encoder.encode(batch.slice(start, ENCODE_ROWS)):
                     writer.write(record)
         counts[split] = batch.num_rows
@@ -299,7 +309,10 @@ def reference(config, output_dir: str) -> dict:
         json.dump(stats, f)
     read = sum(t.num_rows for t in tables)
     return {
-        "read": read, "train": counts["train"], "eval": counts["eval"], "dead_letter": read - n_good,
+        "read": read,
+        "train": counts["train"],
+        "eval": counts["eval"],
+        "dead_letter": read - n_good,
         "dead_letter_by_reason": dict(sorted(dead_counts.items())),
     }
 
@@ -315,10 +328,14 @@ def _read(config, path: str):
         return pq.read_table(path, columns=names, use_threads=False)
     return pacsv.read_csv(
         path,
-        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if config.input.header else 0, use_threads=False),
+        read_options=pacsv.ReadOptions(
+            column_names=names, skip_rows=1 if config.input.header else 0, use_threads=False
+        ),
         parse_options=pacsv.ParseOptions(delimiter=config.input.delimiter),
         convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in names}, null_values=list(config.input.null_values), strings_can_be_null=True
+            column_types={c: pa.string() for c in names},
+            null_values=list(config.input.null_values),
+            strings_can_be_null=True,
         ),
     )
 
@@ -344,8 +361,19 @@ def _validate(config, table):
         if pa.types.is_dictionary(arr.type):
             arr = arr.dictionary_decode()
         cols[col] = arr
-        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
-            mark(pc.fill_null(pc.greater(pc.binary_length(arr), config.input.max_field_bytes), False).to_numpy(zero_copy_only=False), _OVERSIZED, col)
+        if (
+            pa.types.is_string(arr.type)
+            or pa.types.is_large_string(arr.type)
+            or pa.types.is_binary(arr.type)
+            or pa.types.is_large_binary(arr.type)
+        ):
+            mark(
+                pc.fill_null(pc.greater(pc.binary_length(arr), config.input.max_field_bytes), False).to_numpy(
+                    zero_copy_only=False
+                ),
+                _OVERSIZED,
+                col,
+            )
     values = {}
     for col, kind in config.input.columns.items():
         arr = cols[col]
@@ -391,8 +419,11 @@ def _write_dead_letters(f, config, source: str, table, reason, where) -> None:
     for i, row in zip(rejected, raw):
         col = columns[where[i]]
         letter = {
-            "reason": _REASON_NAMES[reason[i]], "detail": f"{_REASON_NAMES[reason[i]]} in column {col!r}",
-            "source": source, "line": int(i) + first, "offset": None,
+            "reason": _REASON_NAMES[reason[i]],
+            "detail": f"{_REASON_NAMES[reason[i]]} in column {col!r}",
+            "source": source,
+            "line": int(i) + first,
+            "offset": None,
             "row": {k: (v if v == v else "nan") if isinstance(v, float) else v for k, v in row.items()},
         }
         f.write(json.dumps(letter, ensure_ascii=False, sort_keys=True, default=str) + "\n")
@@ -462,11 +493,21 @@ def child(variant: str, path: str, fmt: str, out: str) -> None:
     else:
         counts = preprocess.preprocess(config, out, VARIANTS[variant])["rows"]
     done = time.perf_counter()
-    print(RESULT_TAG + json.dumps({
-        "variant": variant, "rows": counts, "work_s": done - imported, "import_s": imported - started, "rss_after_imports_mb": rss_imports,
-        "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "maxrss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-    }), flush=True)
+    print(
+        RESULT_TAG
+        + json.dumps(
+            {
+                "variant": variant,
+                "rows": counts,
+                "work_s": done - imported,
+                "import_s": imported - started,
+                "rss_after_imports_mb": rss_imports,
+                "maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "maxrss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            }
+        ),
+        flush=True,
+    )
 
 
 def _tree_rss_mb(pid: int) -> tuple[float, float]:
@@ -515,8 +556,10 @@ def run_child(work: str, variant: str, scale: int, fmt: str) -> dict:
         with open(log) as f:
             tail = f.read()[-4000:]
         raise RuntimeError(f"{variant} on {scale}x {fmt} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    result = json.loads(lines[-1][len(RESULT_TAG):])
-    result.update(scale=scale, format=fmt, out=out, wall_s=wall, tree_rss_peak_mb=peak["sum"], proc_rss_peak_mb=peak["max"])
+    result = json.loads(lines[-1][len(RESULT_TAG) :])
+    result.update(
+        scale=scale, format=fmt, out=out, wall_s=wall, tree_rss_peak_mb=peak["sum"], proc_rss_peak_mb=peak["max"]
+    )
     result["rows_per_s"] = result["rows"]["read"] / result["work_s"]
     # ru_maxrss is exact for the child itself (sampling can miss a short peak); its children's
     # (multi_processing workers) come from RUSAGE_CHILDREN, the largest one.
@@ -528,7 +571,9 @@ def run_child(work: str, variant: str, scale: int, fmt: str) -> dict:
 # Measurement
 
 
-def bench(work: str, scales: list[int], formats: list[str], repeats: int, variants: list[str], check: bool) -> list[dict]:
+def bench(
+    work: str, scales: list[int], formats: list[str], repeats: int, variants: list[str], check: bool
+) -> list[dict]:
     for scale in scales:
         for fmt in formats:
             if not os.path.exists(input_path(work, scale, fmt)):
@@ -540,7 +585,7 @@ def bench(work: str, scales: list[int], formats: list[str], repeats: int, varian
         for fmt in formats:
             runs = by_input[scale, fmt] = {v: [] for v in variants}
             for rep in range(repeats):
-                order = variants[rep % len(variants):] + variants[: rep % len(variants)]
+                order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
                 for variant in order:
                     r = run_child(work, variant, scale, fmt)
                     runs[variant].append(r)
@@ -555,8 +600,13 @@ def bench(work: str, scales: list[int], formats: list[str], repeats: int, varian
             if check and "reference" in runs:
                 for variant in variants:
                     if variant != "reference":
-                        compare_outputs(runs["reference"][-1]["out"], runs[variant][-1]["out"], f"x{scale} {fmt}: reference vs {variant}",
-                                        runs["reference"][-1]["rows"], runs[variant][-1]["rows"])
+                        compare_outputs(
+                            runs["reference"][-1]["out"],
+                            runs[variant][-1]["out"],
+                            f"x{scale} {fmt}: reference vs {variant}",
+                            runs["reference"][-1]["rows"],
+                            runs[variant][-1]["rows"],
+                        )
     for fmt in formats:
         if len(scales) > 1:
             summary.append(_summarise_marginal(fmt, by_input[min(scales), fmt], by_input[max(scales), fmt]))
@@ -581,12 +631,16 @@ def _summarise(scale: int, fmt: str, runs: dict) -> str:
         )
     if "reference" in runs and "beam" in runs:
         paired = [b["rows_per_s"] / r["rows_per_s"] for b, r in zip(runs["beam"], runs["reference"])]
-        lines.append(f"  beam / reference: {med['beam'] / med['reference']:.3f} (ratio of medians), "
-                     f"{statistics.median(paired):.3f} (median of paired ratios {', '.join(f'{p:.3f}' for p in paired)})")
+        lines.append(
+            f"  beam / reference: {med['beam'] / med['reference']:.3f} (ratio of medians), "
+            f"{statistics.median(paired):.3f} (median of paired ratios {', '.join(f'{p:.3f}' for p in paired)})"
+        )
     if "beam2" in runs and "beam" in runs:
         paired = [b2["rows_per_s"] / b["rows_per_s"] for b2, b in zip(runs["beam2"], runs["beam"])]
-        lines.append(f"  2 workers / 1 worker: {med['beam2'] / med['beam']:.3f} (ratio of medians), "
-                     f"{statistics.median(paired):.3f} (median of paired ratios {', '.join(f'{p:.3f}' for p in paired)})")
+        lines.append(
+            f"  2 workers / 1 worker: {med['beam2'] / med['beam']:.3f} (ratio of medians), "
+            f"{statistics.median(paired):.3f} (median of paired ratios {', '.join(f'{p:.3f}' for p in paired)})"
+        )
     if "beam2" in runs and "reference" in runs:
         lines.append(f"  beam2 / reference: {med['beam2'] / med['reference']:.3f}")
     return "\n".join(lines)
@@ -598,7 +652,9 @@ def _summarise_marginal(fmt: str, small: dict, large: dict) -> str:
     (pipeline construction, graph tracing, SavedModel writes, worker start-up) taken out; and
     that fixed cost, t_small - rows_small / marginal speed."""
     rows = {k: next(iter(runs.values()))[0]["rows"]["read"] for k, runs in (("small", small), ("large", large))}
-    lines = [f"flights {fmt}: rows beyond the smaller input ({rows['large'] - rows['small']:,} rows), from the median work times"]
+    lines = [
+        f"flights {fmt}: rows beyond the smaller input ({rows['large'] - rows['small']:,} rows), from the median work times"
+    ]
     marginal = {}
     for v in small:
         t_small = statistics.median(r["work_s"] for r in small[v])
@@ -627,12 +683,20 @@ def decode_split(out: str, split: str) -> dict[str, np.ndarray]:
     import tensorflow as tf
 
     spec = {
-        "carrier": tf.int64, "origin": tf.int64, "dest": tf.int64, "tailnum": tf.int64, "month": tf.int64,
-        "dow_x_hour": tf.int64, "distance": tf.float32, "label": tf.float32,
+        "carrier": tf.int64,
+        "origin": tf.int64,
+        "dest": tf.int64,
+        "tailnum": tf.int64,
+        "month": tf.int64,
+        "dow_x_hour": tf.int64,
+        "distance": tf.float32,
+        "label": tf.float32,
     }
     spec = {k: tf.io.FixedLenFeature([], t) for k, t in spec.items()}
     files = sorted(glob.glob(os.path.join(out, "preprocess", "data", f"{split}-*.tfrecord.gz")))
-    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(65536).map(lambda s: tf.io.parse_example(s, spec))
+    ds = (
+        tf.data.TFRecordDataset(files, compression_type="GZIP").batch(65536).map(lambda s: tf.io.parse_example(s, spec))
+    )
     parts = [{k: v.numpy() for k, v in b.items()} for b in ds]
     return {k: np.concatenate([p[k] for p in parts]) if parts else np.array([]) for k in spec}
 
@@ -642,7 +706,9 @@ def _sorted_rows(cols: dict[str, np.ndarray], names: list[str]) -> dict[str, np.
     return {n: cols[n][order] for n in names}
 
 
-def compare_outputs(ref_out: str, job_out: str, title: str, ref_rows: dict | None = None, job_rows: dict | None = None) -> bool:
+def compare_outputs(
+    ref_out: str, job_out: str, title: str, ref_rows: dict | None = None, job_rows: dict | None = None
+) -> bool:
     """Prints where the decoded outputs of two runs differ; True when they hold the same rows."""
     print(f"\nEquality check, {title}:")
     ok = True
@@ -665,15 +731,19 @@ def compare_outputs(ref_out: str, job_out: str, title: str, ref_rows: dict | Non
         else:
             ok = False
             first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            print(f"  vocabulary {name}: DIFFERENT ({len(a)} vs {len(b)} tokens; first difference at row {first}: "
-                  f"{a[first:first + 3]} vs {b[first:first + 3]})")
+            print(
+                f"  vocabulary {name}: DIFFERENT ({len(a)} vs {len(b)} tokens; first difference at row {first}: "
+                f"{a[first : first + 3]} vs {b[first : first + 3]})"
+            )
     with open(os.path.join(ref_out, "preprocess", "id_counts.json")) as f:
         ref_counts = json.load(f)
     with open(os.path.join(job_out, "preprocess", "id_counts.json")) as f:
         job_counts = json.load(f)
     same = ref_counts == job_counts
     ok &= same
-    print(f"  id_counts.json: {'identical' if same else 'DIFFERENT'} ({', '.join(f'{k} {len(v)} ids' for k, v in sorted(job_counts.items()))})")
+    print(
+        f"  id_counts.json: {'identical' if same else 'DIFFERENT'} ({', '.join(f'{k} {len(v)} ids' for k, v in sorted(job_counts.items()))})"
+    )
     if not same:
         for table in sorted(set(ref_counts) | set(job_counts)):
             if ref_counts.get(table) != job_counts.get(table):
@@ -695,17 +765,25 @@ def compare_outputs(ref_out: str, job_out: str, title: str, ref_rows: dict | Non
         names = ints + ["distance"]
         a, b = _sorted_rows(a, names), _sorted_rows(b, names)
         if n_a == n_b:
-            bad_cols = [c for c in ints if not np.array_equal(a[c].view(np.int32) if a[c].dtype == np.float32 else a[c],
-                                                              b[c].view(np.int32) if b[c].dtype == np.float32 else b[c])]
+            bad_cols = [
+                c
+                for c in ints
+                if not np.array_equal(
+                    a[c].view(np.int32) if a[c].dtype == np.float32 else a[c],
+                    b[c].view(np.int32) if b[c].dtype == np.float32 else b[c],
+                )
+            ]
             za, zb = a["distance"], b["distance"]
             exact = int(np.sum(za.view(np.int32) == zb.view(np.int32)))
             maxdiff = float(np.max(np.abs(za.astype(np.float64) - zb))) if n_a else 0.0
             ulps = int(np.max(np.abs(za.view(np.int32).astype(np.int64) - zb.view(np.int32)))) if n_a else 0
             ok &= not bad_cols and ulps <= MAX_ZSCORE_ULPS
             bit_identical &= not bad_cols and exact == n_a
-            print(f"  {split}: {n_a:,} rows decoded from each; int ids and label: "
-                  f"{'identical' if not bad_cols else 'DIFFERENT in ' + ', '.join(bad_cols)}; distance (z-score): "
-                  f"{exact:,}/{n_a:,} bit-identical, max |diff| {maxdiff:.3g} ({ulps} ulp)")
+            print(
+                f"  {split}: {n_a:,} rows decoded from each; int ids and label: "
+                f"{'identical' if not bad_cols else 'DIFFERENT in ' + ', '.join(bad_cols)}; distance (z-score): "
+                f"{exact:,}/{n_a:,} bit-identical, max |diff| {maxdiff:.3g} ({ulps} ulp)"
+            )
         else:
             bad_cols = ints
         if bad_cols:
@@ -714,8 +792,12 @@ def compare_outputs(ref_out: str, job_out: str, title: str, ref_rows: dict | Non
             ka = Counter(zip(*(a[c].tolist() for c in ints)))
             kb = Counter(zip(*(b[c].tolist() for c in ints)))
             only_a, only_b = ka - kb, kb - ka
-            print(f"    rows (ints + label) only in the reference: {sum(only_a.values())}, e.g. {list(only_a.items())[:3]}")
-            print(f"    rows (ints + label) only in the job:       {sum(only_b.values())}, e.g. {list(only_b.items())[:3]}")
+            print(
+                f"    rows (ints + label) only in the reference: {sum(only_a.values())}, e.g. {list(only_a.items())[:3]}"
+            )
+            print(
+                f"    rows (ints + label) only in the job:       {sum(only_b.values())}, e.g. {list(only_b.items())[:3]}"
+            )
             print(f"    columns: {ints}")
     if ok and bit_identical:
         print("  => SAME WORK: the decoded outputs are identical")
@@ -756,15 +838,23 @@ def _compare_zscore_stats(ref_out: str, job_out: str) -> None:
             ours = np.float32(s[key])
             near = min(consts, key=lambda c: abs(int(c.view(np.int32)) - int(ours.view(np.int32))), default=None)
             ulp = None if near is None else abs(int(near.view(np.int32)) - int(ours.view(np.int32)))
-            found.append(f"{key} {ours!r} vs {near!r} ({ulp} ulp)" if ulp is not None and ulp <= 16 else f"{key} {ours!r} vs not found")
-        print(f"  z-score {name}: reference (float64 over the train split, rounded) vs job graph constant: {'; '.join(found)}")
+            found.append(
+                f"{key} {ours!r} vs {near!r} ({ulp} ulp)"
+                if ulp is not None and ulp <= 16
+                else f"{key} {ours!r} vs not found"
+            )
+        print(
+            f"  z-score {name}: reference (float64 over the train split, rounded) vs job graph constant: {'; '.join(found)}"
+        )
 
 
 def check(work: str, scale: int, fmt: str) -> bool:
     ref = run_child(work, "reference", scale, fmt)
     job = run_child(work, "beam", scale, fmt)
     for r in (ref, job):
-        print(f"{r['variant']}: {r['rows_per_s']:,.0f} rows/s, work {r['work_s']:.1f}s, peak RSS {r['peak_rss_mb']:,.0f} MiB")
+        print(
+            f"{r['variant']}: {r['rows_per_s']:,.0f} rows/s, work {r['work_s']:.1f}s, peak RSS {r['peak_rss_mb']:,.0f} MiB"
+        )
     return compare_outputs(ref["out"], job["out"], f"x{scale} {fmt}: reference vs beam", ref["rows"], job["rows"])
 
 

@@ -115,7 +115,7 @@ def main(argv=None) -> None:
             configs[(variant, items)] = (step, batches, [])
 
     for _ in range(args.rounds):
-        for key, (step, batches, times) in configs.items():
+        for step, batches, times in configs.values():
             for i in range(args.steps):
                 user_ids, item_ids = batches[i % len(batches)]
                 started = time.perf_counter()

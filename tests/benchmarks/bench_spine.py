@@ -64,7 +64,9 @@ def bench_flights(out: str, seeds: int, epochs: int | None) -> None:
     labels = _eval_labels(out)
     print(f"constant median predictor: eval MAE {np.mean(np.abs(labels - np.median(labels))):.3f}")
     for name, maes in results.items():
-        print(f"{name:<10}: eval MAE mean {np.mean(maes):.3f} (min {np.min(maes):.3f}, max {np.max(maes):.3f}) over {seeds} seeds")
+        print(
+            f"{name:<10}: eval MAE mean {np.mean(maes):.3f} (min {np.min(maes):.3f}, max {np.max(maes):.3f}) over {seeds} seeds"
+        )
     gain = 1 - np.mean(results["embeddings"]) / np.mean(results["baseline"])
     print(f"embeddings vs baseline: {100 * gain:.1f}% lower MAE")
     analyse_table(os.path.join(out, "export", "dow_x_hour"), os.path.join(out, "dow_x_hour.svg"))
@@ -108,12 +110,17 @@ def analyse_table(path: str, svg: str | None) -> None:
     print(f"table {path}: {len(table)} rows x {table.dim} dims, {len(keys)} day x hour cells (+ OOV rows)")
     print(f"  mean cosine, same hour on different days:     {np.mean(same_hour):+.3f}  ({len(same_hour)} pairs)")
     print(f"  mean cosine, same day 6 or more hours apart:  {np.mean(same_day_far):+.3f}  ({len(same_day_far)} pairs)")
-    print(f"  nearest neighbour within +-1 hour:            {near_hour_nn}/{len(keys)} = {near_hour_nn / len(keys):.0%}")
+    print(
+        f"  nearest neighbour within +-1 hour:            {near_hour_nn}/{len(keys)} = {near_hour_nn / len(keys):.0%}"
+    )
     for probe in (("Tue", 8), ("Tue", 17), ("Sat", 20)):
         if probe in cells:
             i = keys.index(probe)
             nn = [j for j in np.argsort(-sim[i]) if j != i][:5]
-            print(f"  nearest to {probe[0]} {probe[1]:>2}h: " + ", ".join(f"{keys[j][0]} {keys[j][1]}h ({sim[i, j]:+.2f})" for j in nn))
+            print(
+                f"  nearest to {probe[0]} {probe[1]:>2}h: "
+                + ", ".join(f"{keys[j][0]} {keys[j][1]}h ({sim[i, j]:+.2f})" for j in nn)
+            )
     if svg:
         write_svg(svg, keys, table, path)
         print(f"  plot: {svg}")

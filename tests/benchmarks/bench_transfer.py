@@ -112,7 +112,7 @@ def taxi_rows(config) -> tuple[bytes, list[bytes], list[bytes]]:
     if dead or invalid or batch.num_rows != len(lines):
         sys.exit(f"{config.input.path}: expected only good rows, found {len(dead) + len(invalid)} bad ones")
     is_eval = rows.eval_mask(batch, config)
-    return header, [l for l, e in zip(lines, is_eval) if not e], [l for l, e in zip(lines, is_eval) if e]
+    return header, [x for x, e in zip(lines, is_eval) if not e], [x for x, e in zip(lines, is_eval) if e]
 
 
 def key_check(table_path: str, config) -> None:
@@ -162,7 +162,14 @@ def train_variants(base, source, dim, seed, input_path, run, target, n, results,
 
 
 def variant_config(
-    base: dict, model: str, variant: str, source: str, dim: int, seed: int, input_path: str, training: dict | None = None
+    base: dict,
+    model: str,
+    variant: str,
+    source: str,
+    dim: int,
+    seed: int,
+    input_path: str,
+    training: dict | None = None,
 ) -> dict:
     """The target config (taxi, or flights at LGA) as YAML data, for one model and one way of
     starting dow_x_hour; `training` overrides entries of its training section."""
@@ -216,7 +223,9 @@ def bench(out: str, sizes: list[int], seeds: int, fresh_source: bool) -> None:
             if (counts["train"], counts["eval"]) != (n, len(eval_lines)):
                 sys.exit(f"split changed: {counts}")
             line = [f"taxi {n} train rows, seed {seed} (preprocess {time.perf_counter() - started:.0f}s):"]
-            for model, variant, m, epochs in train_variants(base, source, dim, seed, csv, run, "taxi", n, results, line):
+            for model, variant, m, epochs in train_variants(
+                base, source, dim, seed, csv, run, "taxi", n, results, line
+            ):
                 line.append(f"  {model:<5} {variant:<10} auc {m['auc']:.4f}  loss {m['loss']:.4f}  ({epochs} epochs)")
             print("\n".join(line), flush=True)
     report(results, seeds)
@@ -401,7 +410,9 @@ def report(
         f"{'train rows':>10} {'model':<6} {'table':<11} {a:>16} {b:>16} {'delta ' + a:>15} {'delta ' + b:>15} "
         f"{'epochs':>6}"
     )
-    for (n, model, variant), runs in sorted(results.items(), key=lambda kv: (kv[0][0], MODELS.index(kv[0][1]), VARIANTS.index(kv[0][2]))):
+    for (n, model, variant), runs in sorted(
+        results.items(), key=lambda kv: (kv[0][0], MODELS.index(kv[0][1]), VARIANTS.index(kv[0][2]))
+    ):
         auc = np.array([r[a] for r in runs])
         loss = np.array([r[b] for r in runs])
         fresh = results[(n, model, "fresh")]
