@@ -1,6 +1,7 @@
 """Paths and helpers several test modules share (fixtures are in conftest.py)."""
 
 import os
+import shutil
 
 import pytest
 
@@ -23,12 +24,28 @@ crosses:
 """
 
 
+def own_copy(directory: str, tmp_path) -> str:
+    """A copy of an output root or run directory made by a module-scoped fixture, for one test
+    to write into, so that tests sharing the fixture never see each other's runs. A root copies
+    whole: `LATEST` names its run by a path relative to the root."""
+    copy = str(tmp_path / os.path.basename(directory.rstrip("/")))
+    shutil.copytree(directory, copy)
+    return copy
+
+
+def edited(text: str, old: str, new: str) -> str:
+    """`text` with `old` replaced by `new`; fails the test when `old` is not there (a config
+    edit that silently did nothing would test the unedited config)."""
+    assert old in text, f"{old!r} is not in the text to edit"
+    return text.replace(old, new)
+
+
 def tiny_yaml_text(**input_fields) -> str:
     """tiny.yaml's text, with `input_fields` added to its `input:` section."""
     with open(TINY_YAML) as f:
         text = f.read()
     added = "".join(f"  {k}: {v}\n" for k, v in input_fields.items())
-    return text.replace("  columns:\n", f"{added}  columns:\n")
+    return edited(text, "  columns:\n", f"{added}  columns:\n")
 
 
 def config_error(path: str) -> str:

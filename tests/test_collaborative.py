@@ -18,7 +18,7 @@ from schemas.loading import load_config
 from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
 
-from support import TINY_WATCH_YAML
+from support import TINY_WATCH_YAML, own_copy
 
 with open(TINY_WATCH_YAML) as _f:
     CONFIG = _f.read()
@@ -106,9 +106,10 @@ def test_bag_of_history_pools_by_position_from_the_end():
     assert model.history_weights() == [1.0, 0.3333, 0.3333, 0.3333]
 
 
-def test_warm_start_of_a_collaborative_run(watch_run):
-    logs, manifest, out = watch_run
-    config = os.path.join(os.path.dirname(out), "tiny_watch.yaml")
+def test_warm_start_of_a_collaborative_run(watch_run, tmp_path):
+    logs, manifest, base = watch_run
+    config = os.path.join(os.path.dirname(base), "tiny_watch.yaml")
+    out = own_copy(base, tmp_path)
     warm = stages.run_all(["--config", config, "--output", out, "--run-id", "w2", "--warm-start", "--epochs", "1"])
     report = warm["train"]["warm_start"]
     best = manifest["train"]["best_model"]

@@ -26,7 +26,7 @@ from pipeline.sources import CsvLineBatches
 from pipeline.transforms import DEAD, ParseAndValidate, ReadRawLogs
 from schemas.loading import load_config
 
-from support import FIXTURES, TINY_YAML, config_error, tiny_yaml_text
+from support import FIXTURES, TINY_YAML, config_error, edited, tiny_yaml_text
 
 HEADER = b"delay,carrier,tail,day,hour,distance"
 MAX_FIELD_BYTES = 1000
@@ -105,8 +105,8 @@ def make_corpus(path: str) -> list[tuple[int, int, str, bytes]]:
 
 
 def corpus_config(tmp_path, csv_path: str):
-    text = tiny_yaml_text(max_field_bytes=MAX_FIELD_BYTES, max_bad_fraction=0.5).replace(
-        "path: tiny.csv", f"path: {csv_path}"
+    text = edited(
+        tiny_yaml_text(max_field_bytes=MAX_FIELD_BYTES, max_bad_fraction=0.5), "path: tiny.csv", f"path: {csv_path}"
     )
     path = tmp_path / "corpus.yaml"
     path.write_text(text)
@@ -246,18 +246,27 @@ def test_limits_default_and_load(tiny_config, write_config):
 # Line numbers and offsets
 
 
-def test_reader_gives_every_line_its_offset_and_a_line_where_its_piece_starts_the_file(tmp_path):
+def _reader_corpus(tmp_path) -> tuple:
     path = tmp_path / "f.csv"
     lines = [b"h1,h2"] + [b"%d,%s" % (i, b"x" * (i % 7)) for i in range(300)]
     lines[5], lines[9] = b"a,\rb", b""
     path.write_bytes(b"\r\n".join(lines[:3]) + b"\r\n" + b"\n".join(lines[3:]))
+    return path, lines
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 50, 1 << 20])  # lines (and CRLFs) straddle block ends, and piece ends
+def test_reader_gives_every_line_its_offset_and_a_line_where_its_piece_starts_the_file(tmp_path, block_bytes):
+    path, lines = _reader_corpus(tmp_path)
+    check_pieces(path, lines, block_bytes, piece_bytes=300)
+
+
+def test_reader_reads_a_compressed_file_whole_with_every_line_numbered(tmp_path):
+    path, lines = _reader_corpus(tmp_path)
     content = path.read_bytes()
-    for block_bytes in (1, 2, 50, 1 << 20):  # lines (and CRLFs) straddle block ends, and piece ends
-        check_pieces(path, lines, block_bytes, piece_bytes=300)
     with gzip.open(tmp_path / "f.csv.gz", "wb") as f:
         f.write(content)
     read = check_pieces(tmp_path / "f.csv.gz", lines, 7, piece_bytes=300, content=content)
-    assert [line for _, _, line, _ in read] == list(range(2, 302))  # read whole: every line numbered
+    assert [line for _, _, line, _ in read] == list(range(2, 302))
 
 
 def check_pieces(path, lines, block_bytes, piece_bytes, content=None):

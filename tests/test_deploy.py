@@ -89,15 +89,17 @@ def test_template_parameters_are_the_preprocess_flags():
     assert all(p["regexes"] == ["^(true|false)$"] for p in parameters if p["name"] in switches)
 
 
-def test_template_run_id_rule_is_the_cli_rule():
+@pytest.mark.parametrize(
+    "run_id", ["20261123", "2026-11-23", "r1.retry_2", "A" * 128, "", "-x", ".hidden", "a/b", "A" * 129, "a b"]
+)
+def test_template_run_id_rule_is_the_cli_rule(run_id):
     (parameter,) = [p for p in _metadata()["parameters"] if p["name"] == "run_id"]
     (regex,) = parameter["regexes"]
-    for run_id in ["20261123", "2026-11-23", "r1.retry_2", "A" * 128, "", "-x", ".hidden", "a/b", "A" * 129, "a b"]:
-        try:
-            cli_accepts = layout.check_run_id(run_id) == run_id
-        except layout.RunError:
-            cli_accepts = False
-        assert bool(re.match(regex, run_id)) == cli_accepts, run_id
+    try:
+        cli_accepts = layout.check_run_id(run_id) == run_id
+    except layout.RunError:
+        cli_accepts = False
+    assert bool(re.match(regex, run_id)) == cli_accepts
 
 
 def test_launcher_passes_every_template_parameter_to_the_cli(launcher):

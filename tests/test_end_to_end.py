@@ -13,9 +13,10 @@ from embedpipe import cli, runs, stages
 from pipeline import rows
 from schemas import layout
 from schemas.config import auto_embedding_dim
+from trainer.report import write_report
 from trainer.tables import load_table
 
-from support import TINY_YAML
+from support import TINY_YAML, own_copy
 
 
 @pytest.fixture(scope="module")
@@ -101,30 +102,31 @@ def test_bundled_sample_main_job(tmp_path, monkeypatch, capsys):
     assert load_table(str(tmp_path / "embedpipe_output" / "taxi" / "LATEST" / "export" / "dow_x_hour")).dim == 4
 
 
-def test_a_run_is_published_and_rerunning_its_id_is_idempotent(run_dir, capsys):
-    out, manifest = run_dir
-    assert layout.latest(out) == os.path.join(out, "runs", "r1") and layout.is_complete(layout.latest(out))
-    assert manifest["export"]["tables"]["hour"].startswith(os.path.join(out, "runs", "r1"))
+def test_a_run_is_published_and_rerunning_its_id_is_idempotent(run_dir, capsys, tmp_path):
+    base, manifest = run_dir
+    assert layout.latest(base) == os.path.join(base, "runs", "r1") and layout.is_complete(layout.latest(base))
+    assert manifest["export"]["tables"]["hour"].startswith(os.path.join(base, "runs", "r1"))
     # downstream code reads "latest" through the pointer
-    hour = load_table(os.path.join(out, "LATEST", "export", "hour"))
+    hour = load_table(os.path.join(base, "LATEST", "export", "hour"))
     np.testing.assert_array_equal(hour.vectors, load_table(manifest["export"]["tables"]["hour"]).vectors)
-    config = TINY_YAML
-    again = stages.run_all(["--config", config, "--output", out, "--run-id", "r1", "--epochs", "2"])
+    out = own_copy(base, tmp_path)
+    again = stages.run_all(["--config", TINY_YAML, "--output", out, "--run-id", "r1", "--epochs", "2"])
     assert "already complete" in capsys.readouterr().out and again == manifest
     with pytest.raises(layout.RunError, match="complete run made with another config"):
-        stages.run_all(["--config", config, "--input", "elsewhere.csv", "--output", out, "--run-id", "r1"])
+        stages.run_all(["--config", TINY_YAML, "--input", "elsewhere.csv", "--output", out, "--run-id", "r1"])
     with pytest.raises(layout.RunError, match="not a finished run"):
         os.makedirs(os.path.join(out, "runs", "half"))
         runs.publish(out, "half")
     assert layout.latest(out) == os.path.join(out, "runs", "r1")
 
 
-def test_the_same_input_config_and_seed_give_identical_outputs(run_dir):
-    out, manifest = run_dir
-    config = TINY_YAML
-    again = stages.run_all(["--config", config, "--output", out, "--run-id", "r2", "--epochs", "2"])
+def test_the_same_input_config_and_seed_give_identical_outputs(run_dir, tmp_path):
+    base, manifest = run_dir
+    out = own_copy(base, tmp_path)
+    again = stages.run_all(["--config", TINY_YAML, "--output", out, "--run-id", "r2", "--epochs", "2"])
     first, second = (
-        os.path.join(out, "runs", r, "preprocess", "transform", "transform_fn", "assets") for r in ("r1", "r2")
+        os.path.join(root, "runs", r, "preprocess", "transform", "transform_fn", "assets")
+        for root, r in ((base, "r1"), (out, "r2"))
     )
     assert sorted(os.listdir(first)) == sorted(os.listdir(second)) == ["carrier", "day_x_hour"]
     for name in os.listdir(first):
@@ -136,11 +138,10 @@ def test_the_same_input_config_and_seed_give_identical_outputs(run_dir):
     assert again["preprocess"]["rows"] == manifest["preprocess"]["rows"]
 
 
-def test_warm_start_begins_from_the_published_tables_by_key(run_dir):
-    out, _ = run_dir
+def test_warm_start_begins_from_the_published_tables_by_key(run_dir, tmp_path):
+    out = own_copy(run_dir[0], tmp_path)
     previous = layout.latest(out)
-    config = TINY_YAML
-    warm = stages.run_all(["--config", config, "--output", out, "--run-id", "w1", "--warm-start", "--epochs", "1"])
+    warm = stages.run_all(["--config", TINY_YAML, "--output", out, "--run-id", "w1", "--warm-start", "--epochs", "1"])
     transfer = warm["train"]["transfer"]
     assert set(transfer) == {"carrier", "tail", "hour", "day_x_hour", "day_x_carrier"}  # bucket tables have no init
     for name, entry in transfer.items():
@@ -153,6 +154,4 @@ def test_warm_start_begins_from_the_published_tables_by_key(run_dir):
     assert (
         drift["tables"]["day_x_hour"]["new_key_traffic"] == 0 and drift["tables"]["day_x_hour"]["neighbor_overlap"] > 0
     )
-    from trainer.report import write_report
-
     assert "Drift since the last published run" in open(write_report(layout.latest(out))).read()

@@ -10,6 +10,8 @@ from pipeline.preprocess import LOCAL_RUNNER, tensor_adapter_config
 from pipeline.preprocessing import LABEL_KEY, make_preprocessing_fn
 from schemas.loading import load_config
 
+from support import edited
+
 CONFIG = """
 name: four
 input:
@@ -58,34 +60,37 @@ class PreprocessingFnTest(tft_unit.TransformTestCase):
             temp_dir=self.get_temp_dir(),
         )
 
-    def test_label_encodings(self):
-        base = CONFIG.replace("categorical:\n", "categorical:\n  d: {type: vocabulary}\n")
-        cases = [
-            # binary on a string column: the positive value is 1, anything else 0
-            ("{column: c, task: binary, positive: b}", [0, 0, 1, 0], {}),
-            # multiclass: the class index is the row of the `label` vocabulary (most frequent first)
-            ("{column: c, task: multiclass}", [0, 0, 1, 0], {"label": [b"a", b"b"]}),
-        ]
-        for label, expected_labels, vocab in cases:
-            text = base.replace("{column: y, task: regression}", label)
-            text = text.replace("  c: {type: vocabulary, min_count: 2, oov_buckets: 1}\n", "")
-            text = text.replace("  c_hashed: {type: hash, column: c, hash_buckets: 5}\n", "")
-            text = text.replace("columns: [c, d]", "columns: [h, d]")
-            config = load_config(self.create_tempdir().create_file("labels.yaml", text).full_path)
-            parsed, _ = rows.parse_csv_lines(LINES, config, "four")
-            batch, _ = rows.validate_batch(parsed, config, "four")
+    @tft_unit.named_parameters(
+        # binary on a string column: the positive value is 1, anything else 0
+        dict(testcase_name="binary", label="{column: c, task: binary, positive: b}", expected=[0, 0, 1, 0], vocab={}),
+        # multiclass: the class index is the row of the `label` vocabulary (most frequent first)
+        dict(
+            testcase_name="multiclass",
+            label="{column: c, task: multiclass}",
+            expected=[0, 0, 1, 0],
+            vocab={"label": [b"a", b"b"]},
+        ),
+    )
+    def test_label_encodings(self, label, expected, vocab):
+        text = edited(CONFIG, "categorical:\n", "categorical:\n  d: {type: vocabulary}\n")
+        text = edited(text, "{column: y, task: regression}", label)
+        text = edited(text, "  c: {type: vocabulary, min_count: 2, oov_buckets: 1}\n", "")
+        text = edited(text, "  c_hashed: {type: hash, column: c, hash_buckets: 5}\n", "")
+        text = edited(text, "columns: [c, d]", "columns: [h, d]")
+        config = load_config(self.create_tempdir().create_file("labels.yaml", text).full_path)
+        parsed, _ = rows.parse_csv_lines(LINES, config, "four")
+        batch, _ = rows.validate_batch(parsed, config, "four")
+        fn = make_preprocessing_fn(config)
 
-            fn = make_preprocessing_fn(config)
+        def only_label(inputs):
+            return {LABEL_KEY: fn(inputs)[LABEL_KEY]}
 
-            def only_label(inputs, fn=fn):
-                return {LABEL_KEY: fn(inputs)[LABEL_KEY]}
-
-            self.assertAnalyzeAndTransformResults(
-                [batch],
-                tensor_adapter_config(config),
-                only_label,
-                expected_data=[{LABEL_KEY: v} for v in expected_labels],
-                expected_vocab_file_contents=vocab or None,
-                beam_pipeline=beam.Pipeline(runner=LOCAL_RUNNER),
-                temp_dir=self.get_temp_dir(),
-            )
+        self.assertAnalyzeAndTransformResults(
+            [batch],
+            tensor_adapter_config(config),
+            only_label,
+            expected_data=[{LABEL_KEY: v} for v in expected],
+            expected_vocab_file_contents=vocab or None,
+            beam_pipeline=beam.Pipeline(runner=LOCAL_RUNNER),
+            temp_dir=self.get_temp_dir(),
+        )

@@ -85,18 +85,24 @@ def test_prepare_restarts_an_unfinished_run_and_keeps_a_finished_one(tmp_path):
     leftover = _fake_run(tmp_path, "crashed")  # everything written, never published
     assert runs.prepare(str(tmp_path), "crashed", "abc") is False and not os.path.exists(leftover)
     assert os.path.exists(done)
-    for bad in ("", "../x", "a/b", ".hidden", "x" * 129):
-        with pytest.raises(layout.RunError, match="--run-id"):
-            layout.check_run_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "../x", "a/b", ".hidden", "x" * 129])
+def test_unsafe_run_ids_are_refused(bad):
+    with pytest.raises(layout.RunError, match="--run-id"):
+        layout.check_run_id(bad)
+
+
+def test_the_default_run_id_is_the_utc_time():
     assert re.fullmatch(r"\d{8}T\d{6}Z", layout.default_run_id())
 
 
-def test_stage_commands_never_rewrite_a_complete_run(tmp_path, capsys):
+@pytest.mark.parametrize("stage", ["preprocess", "train", "export"])
+def test_stage_commands_never_rewrite_a_complete_run(tmp_path, capsys, stage):
     _fake_run(tmp_path, "done")
     runs.publish(str(tmp_path), "done")
-    for stage in ("preprocess", "train", "export"):
-        assert cli.main([stage, "--config", TINY, "--output", str(tmp_path), "--run-id", "done"]) == 2
-        assert "is a complete run; stages never rewrite one" in capsys.readouterr().err
+    assert cli.main([stage, "--config", TINY, "--output", str(tmp_path), "--run-id", "done"]) == 2
+    assert "is a complete run; stages never rewrite one" in capsys.readouterr().err
 
 
 # Where the crash test kills `embedpipe run`: (a line of its output, seconds after it).

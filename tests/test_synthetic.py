@@ -150,9 +150,14 @@ def test_write_watch_logs_round_trips(logs, tmp_path, fmt):
         assert pcsv.read_csv(items_path).equals(logs.items)
 
 
-def test_bad_arguments_are_refused(logs, tmp_path):
+def test_an_unknown_format_is_refused(logs, tmp_path):
     with pytest.raises(ValueError):
         write_watch_logs(logs, str(tmp_path), fmt="json")
-    for bad in (dict(num_items=5), dict(num_groups=0), dict(in_group_share=1.5), dict(mean_interactions=2)):
-        with pytest.raises(ValueError):
-            generate_watch_logs(num_users=10, **bad)
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(num_items=5), dict(num_groups=0), dict(in_group_share=1.5), dict(mean_interactions=2)]
+)
+def test_bad_arguments_are_refused(bad):
+    with pytest.raises(ValueError):
+        generate_watch_logs(num_users=10, **bad)

@@ -20,10 +20,11 @@ from schemas.loading import load_config
 from trainer import train
 from trainer.tables import load_table, match_rows
 
-from support import FIXTURES, SMALL_CONFIG, TINY_YAML, config_error
+from support import FIXTURES, SMALL_CONFIG, TINY_YAML, config_error, edited, own_copy
 
 GOOD = (
-    SMALL_CONFIG.replace(
+    edited(
+        SMALL_CONFIG,
         "a_x_b: {columns: [a, b], type: hash, hash_buckets: 32}",
         "a_x_b: {columns: [a, b], type: vocabulary, init_from: {path: runs/src/export/a_x_b}}",
     )
@@ -48,14 +49,14 @@ def test_init_from_path_is_relative_to_the_config_and_frozen_by_default(write_co
     assert cross.init_from == TableInit(path=str(tmp_path / "runs" / "src" / "export" / "a_x_b"), trainable=False)
     assert cross.dim == "auto"  # the source does not exist yet: checked when training starts
     assert config.categorical[0].init_from is None
-    fine_tuned = load_config(write_config(GOOD.replace("a_x_b}}", "a_x_b, trainable: true}}")))
+    fine_tuned = load_config(write_config(edited(GOOD, "a_x_b}}", "a_x_b, trainable: true}}")))
     assert fine_tuned.categorical[1].init_from.trainable is True
 
 
 def test_auto_dim_takes_the_source_tables_dim(write_config, tmp_path):
     _source_table(tmp_path / "runs" / "src" / "export" / "a_x_b", dim=7)
     assert load_config(write_config(GOOD)).categorical[1].dim == 7
-    explicit = GOOD.replace("type: vocabulary, init_from", "type: vocabulary, dim: 7, init_from")
+    explicit = edited(GOOD, "type: vocabulary, init_from", "type: vocabulary, dim: 7, init_from")
     assert load_config(write_config(explicit)).categorical[1].dim == 7
 
 
@@ -77,8 +78,7 @@ def test_auto_dim_takes_the_source_tables_dim(write_config, tmp_path):
 )
 def test_bad_init_from_names_the_field(write_config, tmp_path, old, new, field):
     _source_table(tmp_path / "runs" / "src" / "export" / "a_x_b", dim=5)
-    assert old in GOOD
-    assert field in config_error(write_config(GOOD.replace(old, new)))
+    assert field in config_error(write_config(edited(GOOD, old, new)))
 
 
 def test_unreadable_source_manifest_is_a_config_error(write_config, tmp_path):
@@ -196,7 +196,7 @@ def test_missing_source_table_stops_training_naming_the_field(runs, tmp_path, ca
     broken = os.path.join(os.path.dirname(config_path), "broken.yaml")  # the relative carrier path still holds
     missing = str(tmp_path / "nowhere" / "day_x_hour")
     with open(config_path) as f, open(broken, "w") as g:
-        g.write(f.read().replace("../source/LATEST/export/day_x_hour", missing))
+        g.write(edited(f.read(), "../source/LATEST/export/day_x_hour", missing))
     out = os.path.dirname(manifest["train"]["model_dir"])
     assert cli.main(["train", "--config", broken, "--output", out, "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -220,9 +220,8 @@ def test_source_dim_is_checked_again_when_training_starts(runs):
         train.train(config, os.path.dirname(manifest["train"]["model_dir"]), epochs=1)
 
 
-def test_baseline_has_no_tables_to_start(runs):
+def test_baseline_has_no_tables_to_start(runs, tmp_path):
     _, config_path, manifest = runs
-    section = train.train(
-        load_config(config_path), os.path.dirname(manifest["train"]["model_dir"]), baseline=True, epochs=1
-    )
+    out = own_copy(os.path.dirname(manifest["train"]["model_dir"]), tmp_path)
+    section = train.train(load_config(config_path), out, baseline=True, epochs=1)
     assert section["tables"] == {} and "transfer" not in section
