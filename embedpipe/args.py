@@ -64,6 +64,9 @@ def _epochs(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="maximum epochs (default: training.epochs of the config)")
 
 
+# One parser per command (`PARSERS`); each builds a fresh parser.
+
+
 def run_parser() -> argparse.ArgumentParser:
     parser = _parser("run", COMMANDS["run"] + ". Unrecognised flags are passed to Beam as pipeline options.")
     add_run_arguments(parser)

@@ -53,6 +53,7 @@ def example_arrow_schema() -> pa.Schema:
 
 
 def tensor_adapter_config() -> tfxio.TensorAdapterConfig:
+    """How tf.Transform turns `example_arrow_schema` batches into `interaction_feature_spec` tensors."""
     return transforms.tensor_adapter_config(interaction_feature_spec(), example_arrow_schema())
 
 

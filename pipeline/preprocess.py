@@ -60,6 +60,7 @@ def tensor_adapter_config(config: Config) -> tfxio.TensorAdapterConfig:
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam's options from `beam_args`; the DirectRunner (the default) as the in-process runner."""
     options = PipelineOptions(beam_args)
     standard = options.view_as(StandardOptions)
     if standard.runner in (None, "DirectRunner", "direct"):

@@ -134,6 +134,7 @@ class RawRows:
 
 
 def canonical_schema(config: Config) -> pa.Schema:
+    """The canonical batch's schema: each input column a large_list of one int64, float32 or binary."""
     return pa.schema([(c, pa.large_list(ARROW_TYPES[t])) for c, t in config.input.columns.items()])
 
 

@@ -1,4 +1,8 @@
-"""Feature configs (one YAML file per dataset), the bundled sample data, and the typed config.
+"""The bottom layer: what the Beam job, the trainer and the orchestration all agree on.
 
-`schemas.config.load_config("taxi")` loads a bundled config by name; any path works too.
+Feature configs (one YAML file per dataset) and the bundled sample data; the typed config
+(`config`) and its loader (`loading.load_config("taxi")`: a bundled config by name, or any path);
+the run directory (`layout`) and its manifest (`manifest`); the feature specs of the examples
+(`features`) and the tables' sizes and row keys (`tables`). Nothing here imports `pipeline/`,
+`trainer/` or `embedpipe/` (see the README's "Code layout").
 """

@@ -76,6 +76,8 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class LabelConfig:
+    """What the supervised model predicts: a column and the task (`loss` for regressions)."""
+
     column: str
     task: str
     positive: str | None = None
@@ -125,6 +127,7 @@ class CategoricalFeature:
 
     @property
     def is_cross(self) -> bool:
+        """True for a cross of two or more columns."""
         return len(self.columns) > 1
 
     @property
@@ -133,11 +136,14 @@ class CategoricalFeature:
         return f"{'crosses' if self.is_cross else 'categorical'}.{self.name}"
 
     def embedding_dim(self, rows: int) -> int:
+        """The dim of a table of `rows` rows: `dim`, or the fourth-root rule for `auto`."""
         return auto_embedding_dim(rows) if self.dim == "auto" else int(self.dim)
 
 
 @dataclass(frozen=True)
 class NumericFeature:
+    """A numeric input: z-scored (or as is), and optionally also bucketized into its own table."""
+
     name: str
     column: str
     normalize: str = "zscore"
@@ -146,11 +152,14 @@ class NumericFeature:
 
     @property
     def bucket_feature(self) -> str:
+        """The name of the bucketized feature's table."""
         return f"{self.name}_bucket"
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
+    """`training:` of a supervised config (early stopping after `patience` epochs without gain)."""
+
     batch_size: int = 256
     epochs: int = 30
     learning_rate: float = 0.003
@@ -174,10 +183,12 @@ class DatasetConfig:
         return hashlib.sha256(blob).hexdigest()
 
     def with_input_path(self, path: str):
+        """The same config reading `path` (`--input`)."""
         return dataclasses.replace(self, input=dataclasses.replace(self.input, path=path))
 
     @property
     def raw_columns(self) -> list[str]:
+        """The input columns, in file order."""
         return list(self.input.columns)
 
 
@@ -193,6 +204,8 @@ class DriftLimits:
 
 @dataclass(frozen=True)
 class Config(DatasetConfig):
+    """A supervised config: input columns, a label, and the tables and numeric features."""
+
     name: str
     source: str
     input: InputConfig
@@ -248,6 +261,8 @@ RETRIEVAL_MODELS = ("two_tower", "bag_of_history")
 
 @dataclass(frozen=True)
 class RetrievalTraining:
+    """`training:` of a collaborative config: which models to train, and how."""
+
     models: tuple[str, ...] = RETRIEVAL_MODELS
     batch_size: int = 1024
     epochs: int = 10

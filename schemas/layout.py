@@ -149,6 +149,7 @@ def resolve_run(path: str) -> str:
 
 
 def preprocess_dir(output_dir: str) -> str:
+    """Everything the preprocess job writes."""
     return os.path.join(output_dir, "preprocess")
 
 
@@ -168,10 +169,12 @@ def examples_pattern(output_dir: str, split: str) -> str:
 
 
 def dead_letter_prefix(output_dir: str) -> str:
+    """The shard prefix of the rejected rows (JSON lines)."""
     return os.path.join(preprocess_dir(output_dir), "dead_letter", "rejected")
 
 
 def dead_letter_pattern(output_dir: str) -> str:
+    """The glob of the rejected rows' shards."""
     return dead_letter_prefix(output_dir) + "-*.jsonl"
 
 
@@ -222,6 +225,7 @@ def retrieval_tables_path(output_dir: str, model: str) -> str:
 
 
 def export_dir(output_dir: str) -> str:
+    """The exported tables, one directory each."""
     return os.path.join(output_dir, "export")
 
 

@@ -1,5 +1,6 @@
 """Stages 2 and 3: Keras training of the embeddings, and the export of every embedding table.
 
-`trainer.train.run(argv)` trains; `trainer.export.run(argv)` writes the tables;
-`trainer.tables.load_table(path)` reads one back for downstream code.
+`trainer.train.train_any(config, run_dir)` trains; `trainer.export.export(config, run_dir)` writes
+the tables; `trainer.tables.load_table(path)` reads one back for downstream code. Imports
+`schemas/` only: never Beam, `pipeline/` or `embedpipe/` (see the README's "Code layout").
 """

@@ -17,9 +17,22 @@ def make_dataset(
     label_shape_1: bool,
     num_rows: int | None = None,
 ) -> tf.data.Dataset:
-    """(features, label) batches; the serialized records are cached in memory after one read.
+    """(features, label) batches of the transformed examples; cached in memory after one read.
 
-    `num_rows` (from the run manifest) declares the dataset's length, so Keras can show progress.
+    Args:
+        file_pattern: the split's gzip TFRecord shards.
+        feature_spec: the transformed features to parse (the label under `LABEL_KEY`).
+        batch_size: examples per batch.
+        shuffle: shuffle (the training split) with `seed`, anew each epoch.
+        seed: the shuffle seed.
+        label_shape_1: labels as [batch, 1] (regression, binary) rather than [batch].
+        num_rows: the split's rows (from the run manifest), so Keras can show progress.
+
+    Returns:
+        A dataset of ({feature: [batch]}, label) pairs.
+
+    Raises:
+        FileNotFoundError: no file matches `file_pattern`.
     """
     files = tf.io.gfile.glob(file_pattern)
     if not files:

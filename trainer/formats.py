@@ -125,12 +125,14 @@ class TableModule(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="keys")])
     def lookup(self, keys):
+        """keys: string [n] -> {"vectors": float32 [n, dim]} (zeros for a key with no row)."""
         rows = self.rows_of(keys)
         vectors = tf.gather(self.vectors, tf.maximum(rows, 0))
         return {"vectors": tf.where((rows >= 0)[:, None], vectors, tf.zeros_like(vectors))}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="keys"), tf.TensorSpec([], tf.int32, name="k")])
     def neighbors(self, keys, k):
+        """keys: string [n], k -> {"keys": string [n, k], "scores": float32 [n, k]}, cosine, best first."""
         rows = self.rows_of(keys)
         query = tf.math.l2_normalize(tf.gather(self.vectors, tf.maximum(rows, 0)), axis=1)
         scores = tf.matmul(query, self.unit, transpose_b=True)

@@ -18,6 +18,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Table:
+    """One embedding table of the model: `rows` x `dim`, frozen when not `trainable`."""
+
     name: str
     rows: int
     dim: int
@@ -25,6 +27,7 @@ class Table:
 
 
 def embedding_layer_name(table: str) -> str:
+    """The name of a table's layer in the Keras model."""
     return f"{table}_embedding"
 
 
@@ -40,8 +43,20 @@ def build_model(
 ) -> keras.Model:
     """A compiled model over int64 id inputs (one per table) and float32 numeric inputs.
 
-    task: 'regression' (loss mse|mae|huber), 'binary' (sigmoid output) or 'multiclass'
-    (softmax over num_classes).
+    Args:
+        tables: the embedding tables; input `<name>` is int64 [batch], rows of table `<name>`.
+        numeric: numeric features; input `<name>` is float32 [batch].
+        task: "regression" (loss mse|mae|huber), "binary" (sigmoid output) or "multiclass"
+            (softmax over `num_classes`).
+        num_classes: classes of a multiclass task.
+        hidden_units: the DNN head's layer sizes.
+        learning_rate: Adam's learning rate.
+        loss: the regression loss.
+
+    Returns:
+        A compiled `keras.Model`: the tables' vectors and the numeric features concatenated,
+        then the head; output `prediction` is [batch, 1] (regression, binary) or
+        [batch, num_classes].
     """
     if not tables and not numeric:
         raise ValueError("the model needs at least one table or numeric input")

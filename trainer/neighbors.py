@@ -40,6 +40,7 @@ class NeighborIndex:
             self._by_label.setdefault(label, row)
 
     def row(self, key_or_label: str) -> int:
+        """The row of a key, else of the first row with that label; `UnknownKeyError` if neither."""
         if key_or_label in self.table and self.table.row(key_or_label) < len(self.unit):
             return self.table.row(key_or_label)
         if key_or_label in self._by_label:
@@ -47,6 +48,7 @@ class NeighborIndex:
         raise UnknownKeyError(f"table {self.table.name!r} has no key or label {key_or_label!r}")
 
     def top_k(self, scores: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[str, str, float]]:
+        """(key, label, score) of the k best of `scores` (float [real rows]), best first, `exclude` left out."""
         if exclude is not None:
             scores = scores.copy()
             scores[exclude] = -np.inf

@@ -53,6 +53,13 @@ EVAL_BLOCK_USERS = 1024
 
 
 class TwoTower(keras.Model):
+    """Matrix factorisation trained as retrieval: a user table and an item table, score u . v.
+
+    Args:
+        users, items: table rows (vocabulary plus OOV rows).
+        user_dim, item_dim: the tables' dimension; they must be equal.
+    """
+
     def __init__(self, users: int, items: int, user_dim: int, item_dim: int):
         super().__init__()
         if user_dim != item_dim:
@@ -65,13 +72,31 @@ class TwoTower(keras.Model):
         )
 
     def query(self, user, history):
+        """The users' vectors.
+
+        Args:
+            user: int64 [batch], rows of the user table.
+            history: unused (the history is in the user's own vector).
+
+        Returns:
+            float32 [batch, dim].
+        """
         return self.user_table(user)
 
     def tables(self) -> dict[str, np.ndarray]:
+        """The learned matrices: {"user": [users, dim], "item": [items, dim]}, float32."""
         return {"user": _weights(self.user_table), "item": _weights(self.item_table)}
 
 
 class BagOfHistory(keras.Model):
+    """A user is the recency-weighted mean of the item vectors of their history; one item table.
+
+    Args:
+        items: item table rows (vocabulary plus OOV rows).
+        item_dim: the item dimension.
+        max_history: how many of the newest history items are pooled (one learned weight each).
+    """
+
     def __init__(self, items: int, item_dim: int, max_history: int):
         super().__init__()
         self.item_table = SparseEmbedding(
@@ -81,6 +106,15 @@ class BagOfHistory(keras.Model):
         self.recency = self.add_weight(shape=(max_history,), initializer="zeros", name="recency_logits")
 
     def query(self, user, history: tf.RaggedTensor):
+        """The recency-weighted mean of each history's newest `max_history` item vectors.
+
+        Args:
+            user: unused.
+            history: int64 ragged [batch, (items)], rows of the item table, oldest first.
+
+        Returns:
+            float32 [batch, dim]; zeros for an empty history.
+        """
         history = history[:, -self.recency.shape[0] :]
         vectors = self.item_table(history.values)
         lengths = history.row_lengths()
@@ -96,6 +130,7 @@ class BagOfHistory(keras.Model):
         return [round(float(x), 4) for x in w / w[0]]
 
     def tables(self) -> dict[str, np.ndarray]:
+        """The learned matrix: {"item": [items, dim]}, float32."""
         return {"item": _weights(self.item_table)}
 
 
@@ -120,7 +155,23 @@ def load_split(pattern: str) -> dict:
 
 
 def in_batch_softmax_loss(query, candidates, targets, log_q, weights):
-    """Softmax over the batch's targets, logQ-corrected, accidental hits masked; weighted mean."""
+    """Softmax over the batch's targets, logQ-corrected, accidental hits masked; weighted mean.
+
+    Example i's positive is candidate i; the other examples' targets are its negatives, except
+    those that are the same item (accidental hits, masked). Each candidate's logit is lowered by
+    the log of its share of training interactions (logQ), which undoes the popularity bias of
+    sampling negatives in proportion to it.
+
+    Args:
+        query: float32 [batch, dim], the users' query vectors.
+        candidates: float32 [batch, dim], the target items' vectors.
+        targets: int64 [batch], the target items' rows.
+        log_q: float32 [items], log of each item's share of training interactions.
+        weights: float32 [batch], each example's weight (0 drops it).
+
+    Returns:
+        The weighted mean cross-entropy, a float32 scalar.
+    """
     logits = tf.matmul(query, candidates, transpose_b=True) - tf.gather(log_q, targets)[None, :]
     same = tf.equal(targets[:, None], targets[None, :])
     accidental = tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(targets)[0], dtype=tf.bool)))
@@ -133,7 +184,18 @@ def in_batch_softmax_loss(query, candidates, targets, log_q, weights):
 def fit(
     model, data: dict, log_q: tf.Tensor, *, batch_size: int, epochs: int, learning_rate: float, seed: int, name: str
 ):
-    """Trains `model` on the train examples; returns the mean loss of each epoch."""
+    """Trains `model` on the train examples with the in-batch softmax.
+
+    Args:
+        model: a `TwoTower` or `BagOfHistory`.
+        data: the train split (`load_split`).
+        log_q: float32 [items] (see `in_batch_softmax_loss`).
+        batch_size, epochs, learning_rate, seed: from `training:` of the config.
+        name: the model's name, for the logs.
+
+    Returns:
+        The mean loss of each epoch.
+    """
     needs_history = isinstance(model, BagOfHistory)
     weights = data["weight"] * (tf.cast(data["history"].row_lengths() > 0, tf.float32) if needs_history else 1.0)
     targets = data["targets"].flat_values  # one target per train example
@@ -167,8 +229,16 @@ def fit(
 def evaluate(query: np.ndarray, items: np.ndarray, seen: tf.RaggedTensor, targets: tf.RaggedTensor, ks) -> dict:
     """Recall@K and NDCG@K of ranking every item for every query, seen items excluded.
 
-    query [users, d], items [vocabulary rows, d] (OOV rows left out: they are never ranked).
-    A target outside the vocabulary counts as a miss.
+    Args:
+        query: float32 [users, dim].
+        items: float32 [vocabulary rows, dim] (OOV rows left out: they are never ranked).
+        seen: int64 ragged [users, (items)], excluded from each user's ranking.
+        targets: int64 ragged [users, (items)], the held-out items; one outside the vocabulary
+            counts as a miss.
+        ks: the cut-offs.
+
+    Returns:
+        {"recall@K": mean over users, "ndcg@K": mean over users} for each K.
     """
     k_max = min(max(ks), items.shape[0])
     seen_rows, targets_rows = seen.to_list(), targets.to_list()
@@ -195,7 +265,17 @@ def evaluate(query: np.ndarray, items: np.ndarray, seen: tf.RaggedTensor, target
 
 
 def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = None) -> dict:
-    """Trains every configured model, evaluates them and popularity; returns the manifest section."""
+    """Trains every configured model of a preprocessed collaborative run and evaluates them.
+
+    Args:
+        config: the run's collaborative config.
+        output_dir: the run directory (preprocessed).
+        epochs: epochs per model (default `training.epochs`).
+
+    Returns:
+        The `train` manifest section: metrics of every model and of popularity, the best model
+        (by the headline metric), epoch losses, history weights, timings.
+    """
     started = time.time()
     t = config.training
     keras.utils.set_random_seed(t.seed)

@@ -70,6 +70,7 @@ def escape_key(key: str, space: bool = False) -> str:
 
 
 def unescape_key(text: str) -> str:
+    """The key `escape_key` wrote as `text`."""
     out, i = [], 0
     while i < len(text):
         c = text[i]
@@ -89,6 +90,7 @@ def bad_vocabulary_key(keys: list[str]) -> str | None:
 
 
 def sha256_file(path: str) -> str:
+    """The hex sha256 of a file (any filesystem TensorFlow reads), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with tf.io.gfile.GFile(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -98,6 +100,8 @@ def sha256_file(path: str) -> str:
 
 @dataclass
 class EmbeddingTable:
+    """One exported table in memory: row i is `keys[i]` -> `vectors[i]` (see the module docstring)."""
+
     name: str
     keys: list[str]
     vectors: np.ndarray
@@ -112,15 +116,18 @@ class EmbeddingTable:
 
     @property
     def dim(self) -> int:
+        """The vectors' dimension."""
         return int(self.vectors.shape[1])
 
     def row(self, key: str) -> int:
+        """The row of `key`; raises `UnknownKeyError` for a key the table does not have."""
         try:
             return self._index[key]
         except KeyError:
             raise UnknownKeyError(f"table {self.name!r} has no key {key!r}") from None
 
     def vector(self, key: str) -> np.ndarray:
+        """The vector of `key`, float32 [dim]; raises `UnknownKeyError` for an unknown key."""
         return self.vectors[self.row(key)]
 
     __getitem__ = vector
@@ -142,6 +149,7 @@ class EmbeddingTable:
         return len(self.keys) - self.oov_rows
 
     def as_dict(self) -> dict[str, np.ndarray]:
+        """{key: vector} for every row."""
         return {k: self.vectors[i] for i, k in enumerate(self.keys)}
 
 
@@ -209,6 +217,7 @@ class RowMatch:
 
     @property
     def oov_rows(self) -> int:
+        """How many OOV rows copy the source's."""
         return len(self.rows) - self.matched_keys
 
 

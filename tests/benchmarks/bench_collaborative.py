@@ -71,6 +71,7 @@ class _EpochTimes(logging.Handler):
 
 def prepare(dataset: str, out: str, reuse: bool):
     from pipeline import datasets, preprocess
+    from schemas import layout
     from schemas.loading import load_config
 
     data = os.path.join(out, "input")
@@ -83,7 +84,7 @@ def prepare(dataset: str, out: str, reuse: bool):
         config = dataclasses.replace(config, metadata=dataclasses.replace(config.metadata, path=items))
     manifest = _manifest(out)
     if reuse and "preprocess" in manifest and manifest["preprocess"]["config"]["sha256"] == config.digest():
-        print(f"preprocess: reusing {preprocess.preprocess_dir(out)}")
+        print(f"preprocess: reusing {layout.preprocess_dir(out)}")
     else:
         started = time.perf_counter()
         rows = preprocess.preprocess(config, out)["rows"]
@@ -118,13 +119,13 @@ def run_ours(config, out: str, epochs: int | None) -> tuple[dict, dict]:
 
 
 def load_splits(config, out: str) -> dict:
-    from pipeline import preprocess as pre
+    from schemas import layout
     from trainer import retrieval
 
     manifest = _manifest(out)["preprocess"]["tables"]
     split = {
-        "train": retrieval.load_split(pre.examples_pattern(out, "train")),
-        "eval": retrieval.load_split(pre.examples_pattern(out, "eval")),
+        "train": retrieval.load_split(layout.examples_pattern(out, "train")),
+        "eval": retrieval.load_split(layout.examples_pattern(out, "eval")),
         "vocab": manifest[config.item.name]["vocabulary_size"],
         "item_rows": manifest[config.item.name]["rows"],
         "user_rows": manifest[config.user.name]["rows"],

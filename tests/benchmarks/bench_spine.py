@@ -75,7 +75,7 @@ def bench_flights(out: str, seeds: int, epochs: int | None) -> None:
 def _eval_labels(out: str) -> np.ndarray:
     import tensorflow as tf
 
-    from pipeline.preprocess import examples_pattern
+    from schemas.layout import examples_pattern
 
     spec = {"label": tf.io.FixedLenFeature([], tf.float32)}
     files = tf.io.gfile.glob(examples_pattern(out, "eval"))
