@@ -17,7 +17,10 @@ versioned run and publishes it. Tests and `deploy/` call these functions directl
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -145,7 +148,9 @@ def run_all(argv: list[str] | None = None) -> dict:
         config = runs.warm_start(config, root)
     _LOG.info("run: config %s -> %s%s", config.source, output_dir, " (warm start from LATEST)" if warm else "")
     rows = preprocess_job(config, output_dir, beam_args)["rows"]
+    release_memory()
     trained = train_any(config, output_dir, epochs=args.epochs)
+    release_memory()
     exported = export_stage(config, output_dir)
     pointer = runs.publish(root, args.run_id, digest, config.drift, config.source)
     print(f"\nembedpipe run finished in {time.time() - started:.0f}s")
@@ -174,6 +179,17 @@ def publish(argv: list[str] | None = None) -> dict:
         pointer = runs.publish(args.output, args.run_id, force=args.force)
     print(f"published {os.path.join(args.output, layout.LATEST)} -> {pointer['run_dir']}")
     return pointer
+
+
+def release_memory() -> None:
+    """Hands back to the OS what a finished stage freed: the stages of `embedpipe run` share one
+    process, and without this glibc keeps the freed memory of one stage's peak through the next
+    (about 0.3 GiB after the Beam job and after training at 5M interactions)."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:  # glibc only
+        trim(0)
 
 
 def print_rows(rows: dict) -> None:

@@ -18,6 +18,7 @@ of the run manifest. Collaborative configs build their job in `pipeline.collabor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import tempfile
 import time
@@ -80,7 +81,10 @@ def build_pipeline(p: beam.Pipeline, config: Config, output_dir: str, temp_dir: 
         validated = read.rows | "ParseAndValidate" >> ParseAndValidate(config)
         split = validated.rows | "SplitTrainEval" >> SplitTrainEval(config)
         _ = {TRAIN: split[TRAIN], EVAL: split[EVAL]} | "TransformAndWrite" >> TransformAndWrite(
-            make_preprocessing_fn(config), tensor_adapter_config(config), output_dir, {t: t for t in config.tables}
+            make_preprocessing_fn(config),
+            tensor_adapter_config(config),
+            output_dir,
+            functools.partial(transforms.count_column_ids, columns={t: t for t in config.tables}),
         )
         _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
             layout.dead_letter_prefix(output_dir)

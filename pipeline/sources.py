@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import logging
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -20,23 +19,6 @@ from pipeline import rows
 CSV_BATCH_LINES = 8192
 CSV_READ_BLOCK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 65536
-PROGRESS_EVERY_ROWS = 200_000
-
-_LOG = logging.getLogger(__name__)
-
-
-class ReadProgress:
-    """Logs how many rows this worker has read, every PROGRESS_EVERY_ROWS rows."""
-
-    def __init__(self):
-        self.rows = 0
-        self.next_report = PROGRESS_EVERY_ROWS
-
-    def add(self, n: int, source: str) -> None:
-        self.rows += n
-        if self.rows >= self.next_report:
-            _LOG.info("read %d rows so far on this worker (now reading %s)", self.rows, source)
-            self.next_report += PROGRESS_EVERY_ROWS
 
 
 class CsvLineBatches(filebasedsource.FileBasedSource):

@@ -14,6 +14,8 @@ exception handling (an unexpected error costs one row, never the job), tagging a
 from __future__ import annotations
 
 import json
+import logging
+import traceback
 
 import apache_beam as beam
 import numpy as np
@@ -27,13 +29,17 @@ from tfx_bsl.tfxio import tensor_representation_util
 from pipeline import rows
 from pipeline.dead_letters import AddLineNumbers
 from pipeline.sinks import ExampleBatchSink
-from pipeline.sources import CsvLineBatches, ParquetRowGroups, ReadProgress, parquet_raw_rows
+from pipeline.sources import CsvLineBatches, ParquetRowGroups, parquet_raw_rows
 from schemas import layout
 from schemas.config import Config, DatasetConfig
 from schemas.layout import EVAL, TRAIN
+from schemas.progress import Progress
 
 NAMESPACE = "embedpipe"
 DEAD = "dead"
+_LOG = logging.getLogger(__name__)
+# Shards per split of the examples, so that the trainer (and any reader) reads in parallel.
+EXAMPLE_SHARDS = 8
 
 __all__ = [
     "DEAD",
@@ -90,11 +96,11 @@ class _CountRows(beam.DoFn):
         self.rows_read = Metrics.counter(NAMESPACE, "rows_read")
 
     def setup(self):
-        self._progress = ReadProgress()
+        self._progress = Progress(_LOG, "preprocess: read (this worker)", unit="rows")
 
     def process(self, raw: rows.RawRows):
         self.rows_read.inc(len(raw))
-        self._progress.add(len(raw), raw.source)
+        self._progress.add(len(raw))
         yield raw
 
 
@@ -102,9 +108,10 @@ class ParseAndValidate(beam.PTransform):
     """`RawRows` -> canonical RecordBatches (main output `rows`) and dead letters (`DEAD`).
 
     Known defects get their reason in `rows.parse_and_validate`. Anything else a batch raises
-    is caught by Beam's exception handling (`with_exception_handling`): the batch is retried one
-    row at a time, and a row that still raises becomes an `unexpected_error` dead letter, so a
-    surprise costs that row, never the job, and is still counted.
+    is caught: the batch is retried one row at a time, and a row that still raises becomes an
+    `unexpected_error` dead letter (its detail: the exception and the frame that raised), so a
+    surprise costs that row, never the job, and is still counted. One ParDo with two outputs:
+    the good batches never pass a Flatten (which the local runner would hold in memory whole).
 
         validated = batches.rows | ParseAndValidate(config)
         validated.rows, validated[DEAD]
@@ -115,51 +122,40 @@ class ParseAndValidate(beam.PTransform):
         self.config = config
 
     def expand(self, batches):
-        fn = _ParseAndValidate(self.config)
-        first = batches | "Validate" >> beam.ParDo(fn).with_exception_handling(main_tag="out", dead_letter_tag="failed")
-        retried = (
-            first["failed"]
-            | "OneRowEach" >> beam.FlatMap(lambda failed: failed[0].one_by_one())
-            | "ValidateOneByOne" >> beam.ParDo(fn).with_exception_handling(main_tag="out", dead_letter_tag="failed")
-        )
-        unexpected = retried["failed"] | "UnexpectedErrors" >> beam.FlatMap(_unexpected_error)
-        return (
-            (first["out"], retried["out"], unexpected)
-            | "Merge" >> beam.Flatten()
-            | "Route" >> beam.ParDo(_Route()).with_outputs(DEAD, main="rows")
-        )
+        return batches | "Validate" >> beam.ParDo(_ParseAndValidate(self.config)).with_outputs(DEAD, main="rows")
 
 
 class _ParseAndValidate(beam.DoFn):
-    """One `RawRows` -> its canonical batch and its dead letters, on one output (all or nothing)."""
+    """One `RawRows` -> its canonical batch (main output) and its dead letters (`DEAD`)."""
 
     def __init__(self, config: DatasetConfig):
         self.config = config
-
-    def process(self, raw: rows.RawRows):
-        good, dead = rows.parse_and_validate(raw, self.config)
-        yield from dead
-        if good.num_rows:
-            yield good
-
-
-def _unexpected_error(failed) -> list[rows.DeadLetter]:
-    """Beam's dead-letter element `(input, (type, repr, traceback lines))` -> DeadLetters."""
-    raw, (_, error, trace) = failed
-    frames = [t.strip().splitlines()[0] for t in trace if t.startswith("  File ")]
-    return rows.unexpected_error(raw, f"{error} ({frames[-1]})" if frames else error)
-
-
-class _Route(beam.DoFn):
-    def __init__(self):
         self.rows_valid = Metrics.counter(NAMESPACE, "rows_valid")
 
-    def process(self, element):
-        if isinstance(element, rows.DeadLetter):
-            yield beam.pvalue.TaggedOutput(DEAD, element)
-        else:
-            self.rows_valid.inc(element.num_rows)
-            yield element
+    def process(self, raw: rows.RawRows):
+        try:
+            parts = [rows.parse_and_validate(raw, self.config)]
+        except Exception:  # a bug, not a bad row: find the row(s) it is about, keep the others
+            parts = [self._one(single) for single in raw.one_by_one()] if len(raw) > 1 else [self._one(raw)]
+        for good, dead in parts:
+            for letter in dead:
+                yield beam.pvalue.TaggedOutput(DEAD, letter)
+            if good is not None and good.num_rows:
+                self.rows_valid.inc(good.num_rows)
+                yield good
+
+    def _one(self, raw: rows.RawRows) -> tuple[pa.RecordBatch | None, list[rows.DeadLetter]]:
+        try:
+            return rows.parse_and_validate(raw, self.config)
+        except Exception as e:  # still raises on its own: this row is the one, as unexpected_error
+            return None, rows.unexpected_error(raw, _describe(e))
+
+
+def _describe(error: Exception) -> str:
+    """`RuntimeError('boom') (File "rows.py", line 12, in _validate)`: the error and where it was raised."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f' (File "{frames[-1].filename}", line {frames[-1].lineno}, in {frames[-1].name})' if frames else ""
+    return f"{error!r}{where}"
 
 
 class SplitTrainEval(beam.PTransform):
@@ -207,17 +203,15 @@ class TransformAndWrite(beam.PTransform):
         preprocessing_fn: the tf.Transform function (`pipeline.preprocessing`, `pipeline.collaborative`).
         adapter: how the input RecordBatches become tensors (`tensor_adapter_config`).
         output_dir: the run directory.
-        id_columns: each table's transformed id column, for `CountIds`.
+        count_ids: counts the table rows of one transformed batch, for `CountIds`.
     """
 
-    def __init__(
-        self, preprocessing_fn, adapter: tfxio.TensorAdapterConfig, output_dir: str, id_columns: dict[str, str]
-    ):
+    def __init__(self, preprocessing_fn, adapter: tfxio.TensorAdapterConfig, output_dir: str, count_ids):
         super().__init__()
         self.preprocessing_fn = preprocessing_fn
         self.adapter = adapter
         self.output_dir = output_dir
-        self.id_columns = id_columns
+        self.count_ids = count_ids
 
     def expand(self, splits):
         (train, _), transform_fn = (
@@ -233,11 +227,11 @@ class TransformAndWrite(beam.PTransform):
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(layout.transform_dir(out))
         _ = train | "WriteTrain" >> WriteExamples(layout.examples_prefix(out, TRAIN))
         _ = eval_ | "WriteEval" >> WriteExamples(layout.examples_prefix(out, EVAL))
-        return train | "CountIds" >> CountIds(self.id_columns, layout.id_counts_path(out))
+        return train | "CountIds" >> CountIds(self.count_ids, layout.id_counts_path(out))
 
 
 class WriteExamples(beam.PTransform):
-    """Transformed `(RecordBatch, passthrough)` pairs -> gzip TFRecord shards of tf.Examples.
+    """Transformed `(RecordBatch, passthrough)` pairs -> `num_shards` gzip TFRecord shards of tf.Examples.
 
     A batch stays one Beam element down to the file: `pipeline.sinks.ExampleBatchSink` encodes
     it with tfx_bsl's RecordBatch -> tf.Example encoder and writes its records with TensorFlow's
@@ -248,12 +242,13 @@ class WriteExamples(beam.PTransform):
     when the job commits (Beam's usual atomic finalisation).
     """
 
-    def __init__(self, file_prefix: str):
+    def __init__(self, file_prefix: str, num_shards: int = EXAMPLE_SHARDS):
         super().__init__()
         self.file_prefix = file_prefix
+        self.num_shards = num_shards
 
     def expand(self, transformed):
-        return transformed | "WriteTFRecords" >> beam.io.Write(ExampleBatchSink(self.file_prefix))
+        return transformed | "WriteTFRecords" >> beam.io.Write(ExampleBatchSink(self.file_prefix, self.num_shards))
 
 
 class WriteDeadLetters(beam.PTransform):
@@ -289,39 +284,67 @@ def _count_reason(letter: rows.DeadLetter) -> rows.DeadLetter:
 class CountIds(beam.PTransform):
     """Transformed training batches -> one JSON object {table: {row id: count}} written to `path`.
 
-    `columns` maps each table to the transformed column holding its ids (one or several a row).
+    `count_ids(batch)` counts one transformed RecordBatch: {table: (row ids, counts)} as int64
+    arrays (for the supervised job `count_column_ids`: each table's ids are one column). The
+    counts are merged as arrays, so a table of a million rows costs a few array operations.
     """
 
-    def __init__(self, columns: dict[str, str], path: str):
+    def __init__(self, count_ids, path: str):
         super().__init__()
-        self.columns = columns
+        self.count_ids = count_ids
         self.path = path
 
     def expand(self, transformed):
         return (
             transformed
-            | "CountPerBatch" >> beam.Map(_count_ids, columns=self.columns)
-            | "Merge" >> beam.CombineGlobally(_merge_counts)
-            | "ToJson" >> beam.Map(json.dumps, sort_keys=True)
+            | "CountPerBatch" >> beam.Map(_count_batch, self.count_ids)
+            | "Merge" >> beam.CombineGlobally(merge_counts)
+            | "ToJson" >> beam.Map(counts_json)
             | "Write" >> beam.io.WriteToText(self.path, shard_name_template="", num_shards=1)
         )
 
 
-def _count_ids(element, columns: dict[str, str]) -> dict:
+IdCounts = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _count_batch(element, count_ids) -> IdCounts:
     batch, _ = element
-    counts = {}
-    for table, column in columns.items():
-        ids = batch.column(column).flatten().to_numpy(zero_copy_only=False)
-        values, n = np.unique(ids, return_counts=True)
-        counts[table] = {str(int(v)): int(c) for v, c in zip(values, n)}
-    return counts
+    return count_ids(batch)
 
 
-def _merge_counts(parts) -> dict:
-    merged: dict[str, dict[str, int]] = {}
+def unique_counts(ids: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct ids, how often each occurs, or the sum of its `weights`), int64."""
+    keys, inverse = np.unique(np.asarray(ids, np.int64), return_inverse=True)
+    counts = np.bincount(inverse, weights=weights, minlength=len(keys))
+    return keys, np.rint(counts).astype(np.int64)
+
+
+def count_column_ids(batch: pa.RecordBatch, columns: dict[str, str]) -> IdCounts:
+    """{table: (row ids, counts)} of one transformed batch; `columns` maps each table to the
+    column holding its ids (one or several a row)."""
+    return {
+        table: unique_counts(batch.column(column).flatten().to_numpy(zero_copy_only=False))
+        for table, column in columns.items()
+    }
+
+
+def merge_counts(parts) -> IdCounts:
+    """The sum of several `IdCounts` (associative and commutative, as Beam's combine needs)."""
+    merged: dict[str, list] = {}
     for part in parts:
-        for name, counts in part.items():
-            table = merged.setdefault(name, {})
-            for key, c in counts.items():
-                table[key] = table.get(key, 0) + c
-    return merged
+        for table, (ids, counts) in part.items():
+            merged.setdefault(table, []).append((ids, counts))
+    out = {}
+    for table, pieces in merged.items():
+        ids = np.concatenate([p[0] for p in pieces])
+        counts = np.concatenate([p[1] for p in pieces]).astype(np.float64)
+        out[table] = unique_counts(ids, counts)
+    return out
+
+
+def counts_json(counts: IdCounts) -> str:
+    """{table: {row id: count}} as the JSON of `id_counts.json` (ids as strings, sorted as text)."""
+    return json.dumps(
+        {table: {str(int(i)): int(c) for i, c in zip(ids, n) if c} for table, (ids, n) in counts.items()},
+        sort_keys=True,
+    )

@@ -166,6 +166,10 @@ class TrainingConfig:
     hidden_units: tuple[int, ...] = (64, 32)
     patience: int = 3
     seed: int = 42
+    # Examples (serialized) held by the training split's shuffle buffer.
+    shuffle_buffer: int = 200_000
+    # A split is cached in memory after its first read only when its files are at most this big.
+    cache_max_mb: int = 256
 
 
 class DatasetConfig:
@@ -265,9 +269,32 @@ class RetrievalTraining:
 
     models: tuple[str, ...] = RETRIEVAL_MODELS
     batch_size: int = 1024
-    epochs: int = 10
+    epochs: int = 10  # at most: training stops when the validation metric stops improving
     learning_rate: float = 0.01
     seed: int = 42
+    patience: int = 2  # epochs without a better validation metric before a model stops
+    shuffle_buffer: int = 65_536  # training pairs shuffled together (a pool of whole users)
+
+
+@dataclass(frozen=True)
+class RetrievalEvaluation:
+    """`evaluation:` of a collaborative config.
+
+    Test metrics rank every item for the users with a holdout (or a deterministic sample of
+    `users` of them); the validation slice for early stopping and model choice is carved from
+    the training data: the last `validation_holdout` training interactions of up to
+    `validation_users` users, never trained on.
+    """
+
+    k: tuple[int, ...] = (10, 20)
+    users: int | None = None  # evaluate on a sample of this many eval users (None: all)
+    validation_users: int = 5000
+    validation_holdout: int = 1
+
+    @property
+    def headline(self) -> str:
+        """The metric that picks the best epoch and the best model: recall@20 (else the largest K)."""
+        return f"recall@{20 if 20 in self.k else max(self.k)}"
 
 
 @dataclass(frozen=True)
@@ -289,7 +316,7 @@ class CollaborativeConfig(DatasetConfig):
     holdout: int = 2
     max_history: int = 50
     metadata: ItemMetadata | None = None
-    eval_k: tuple[int, ...] = (10, 20)
+    evaluation: RetrievalEvaluation = RetrievalEvaluation()
     description: str = ""
     drift: DriftLimits = DriftLimits()
 

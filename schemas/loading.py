@@ -41,6 +41,7 @@ from schemas.config import (
     ItemMetadata,
     LabelConfig,
     NumericFeature,
+    RetrievalEvaluation,
     RetrievalTraining,
     SplitConfig,
     TableInit,
@@ -457,17 +458,16 @@ class _Parser:
             hidden_units=tuple(self.integer(h, f"training.hidden_units[{i}]") for i, h in enumerate(hidden)),
             patience=self.integer(get("patience"), "training.patience"),
             seed=self.integer(get("seed"), "training.seed", 0),
+            shuffle_buffer=self.integer(get("shuffle_buffer"), "training.shuffle_buffer"),
+            cache_max_mb=self.integer(get("cache_max_mb"), "training.cache_max_mb", 0),
         )
 
     # -- collaborative -------------------------------------------------------------------------
 
     def collaborative(self, raw: dict) -> CollaborativeConfig:
-        sections = field_names(CollaborativeConfig, exclude=("source", "metadata", "eval_k") + INTERACTION_FIELDS)
+        sections = field_names(CollaborativeConfig, exclude=("source", "metadata") + INTERACTION_FIELDS)
         top = self.mapping(
-            raw,
-            "",
-            sections + ("task", "interactions", "item_metadata", "evaluation"),
-            required=("name", "input", "interactions"),
+            raw, "", sections + ("task", "interactions", "item_metadata"), required=("name", "input", "interactions")
         )
         inp = self.input(top["input"])
         columns = inp.columns
@@ -493,10 +493,6 @@ class _Parser:
             self.fail(
                 "interactions.user.dim", f"two_tower scores u . v: the user dim must equal the item dim ({item.dim})"
             )
-        ev = self.mapping(top.get("evaluation"), "evaluation", ("k",))
-        ks = ev.get("k", list(default(CollaborativeConfig, "eval_k")))
-        if not isinstance(ks, list) or not ks:
-            self.fail("evaluation.k", f"expected a list of cut-offs, got {ks!r}")
         return CollaborativeConfig(
             name=self.string(top["name"], "name"),
             source=self.path,
@@ -509,7 +505,7 @@ class _Parser:
             max_history=self.integer(get("max_history"), "interactions.max_history", 1, 10_000),
             metadata=self.item_metadata(top.get("item_metadata")),
             training=training,
-            eval_k=tuple(self.integer(k, f"evaluation.k[{i}]", 1, 10_000) for i, k in enumerate(ks)),
+            evaluation=self.retrieval_evaluation(top.get("evaluation")),
             drift=self.drift(top.get("drift")),
             description=str(top.get("description") or default(CollaborativeConfig, "description")),
         )
@@ -542,6 +538,22 @@ class _Parser:
             label=self.string(md["label"], "item_metadata.label"),
         )
 
+    def retrieval_evaluation(self, raw) -> RetrievalEvaluation:
+        m = self.mapping(raw, "evaluation", field_names(RetrievalEvaluation))
+
+        def get(key):
+            return m.get(key, default(RetrievalEvaluation, key))
+
+        ks = get("k")
+        if not isinstance(ks, (list, tuple)) or not ks:
+            self.fail("evaluation.k", f"expected a list of cut-offs, got {ks!r}")
+        return RetrievalEvaluation(
+            k=tuple(self.integer(k, f"evaluation.k[{i}]", 1, 10_000) for i, k in enumerate(ks)),
+            users=self.optional_integer(get("users"), "evaluation.users"),
+            validation_users=self.integer(get("validation_users"), "evaluation.validation_users", 0),
+            validation_holdout=self.integer(get("validation_holdout"), "evaluation.validation_holdout", 1, 1000),
+        )
+
     def retrieval_training(self, raw) -> RetrievalTraining:
         t = self.mapping(raw, "training", field_names(RetrievalTraining))
 
@@ -558,6 +570,8 @@ class _Parser:
             epochs=self.integer(get("epochs"), "training.epochs"),
             learning_rate=self.number(get("learning_rate"), "training.learning_rate"),
             seed=self.integer(get("seed"), "training.seed", 0),
+            patience=self.integer(get("patience"), "training.patience"),
+            shuffle_buffer=self.integer(get("shuffle_buffer"), "training.shuffle_buffer", 2),
         )
 
 

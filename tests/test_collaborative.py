@@ -1,20 +1,26 @@
-"""Collaborative embeddings end to end on a small synthetic watch log with planted genres."""
+"""Collaborative embeddings: the per-user records of the Beam job, the trainer's pairs and
+rankings, and one end-to-end run on a small synthetic watch log with planted genres."""
 
+import dataclasses
 import json
 import os
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from embedpipe import stages
-from pipeline import synthetic
-from pipeline.collaborative import TemporalHoldout
+from pipeline import collaborative, synthetic
 from pipeline.preprocess import LOCAL_RUNNER
 from pipeline.transforms import EVAL, TRAIN
 from schemas.loading import load_config
+from trainer import retrieval, sequences
+from trainer.ranking import SEEN, PopularityTopK, RankingMetrics, TopK
 from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
 
@@ -24,22 +30,187 @@ with open(TINY_WATCH_YAML) as _f:
     CONFIG = _f.read()
 
 
-def test_temporal_holdout_keeps_the_future_out_of_training(write_config):
-    config = load_config(write_config(CONFIG))
-    events = [(30, "c", 1.0), (10, "a", 1.0), (40, "d", 1.0), (20, "b", 1.0)]
+def _interactions(events) -> pa.Table:
+    users, items, ts = zip(*events)
+    return pa.table(
+        {"user": list(users), "item": list(items), "ts": list(ts), "weight": pa.array([1.0] * len(ts), pa.float32())}
+    )
+
+
+def _rows(records: pa.RecordBatch) -> list[tuple]:
+    """(user, items, start, last, targets) of each record, keys as text."""
+
+    def text(values):
+        return tuple(v.decode() if isinstance(v, bytes) else v for v in values)
+
+    return [
+        (r["user"][0].decode(), text(r["items"]), r["start"][0], r["last"][0], text(r["targets"]))
+        for r in records.to_pylist()
+    ]
+
+
+# -- the Beam job -----------------------------------------------------------------------------
+
+
+def test_user_sequences_keep_the_future_out_of_training(write_config):
+    config = load_config(write_config(CONFIG))  # holdout 2, max_history 3
+    u1 = [("u1", "c", 30), ("u1", "a", 10), ("u1", "d", 40), ("u1", "b", 20), ("u1", "e", 50)]
+    u2 = [("u2", "a", 5), ("u2", "b", 6)]
     with TestPipeline(runner=LOCAL_RUNNER) as p:
-        split = p | beam.Create([("u1", events), ("u2", [(5, "a", 1.0), (6, "b", 1.0)])]) | TemporalHoldout(config)
+        records = (
+            p
+            | beam.Create([(0, [_interactions(u1[:3]), _interactions(u1[3:])]), (1, [_interactions(u2)])])
+            | collaborative.UserSequences(config)
+        )
+        # every train record is the user's training interactions in time order, targets from 0
         assert_that(
-            split[TRAIN] | "T" >> beam.Map(lambda e: (e["user"][0], e["targets"][0], tuple(e["history"]))),
-            equal_to([("u1", "a", ()), ("u1", "b", ("a",)), ("u2", "a", ()), ("u2", "b", ("a",))]),
+            records[TRAIN] | "T" >> beam.FlatMap(_rows),
+            equal_to([("u1", ("a", "b", "c"), 0, 1, ()), ("u2", ("a", "b"), 0, 1, ())]),
             label="Train",
         )
         # u1's last two watches are held out; u2 has only 2 and stays wholly in training.
         assert_that(
-            split[EVAL] | "E" >> beam.Map(lambda e: (e["user"][0], tuple(e["targets"]), tuple(e["seen"]))),
-            equal_to([("u1", ("c", "d"), ("a", "b"))]),
+            records[EVAL] | "E" >> beam.FlatMap(_rows),
+            equal_to([("u1", ("a", "b", "c"), 3, 1, ("d", "e"))]),
             label="Eval",
         )
+
+
+def test_a_long_history_is_cut_into_chunks_after_their_context():
+    events = [("u", f"i{t:02d}", t) for t in range(23)]
+    train, evaluation, counts = collaborative.sequence_records(
+        _interactions(events), holdout=3, max_history=4, weighted=False, max_items=6
+    )
+    chunks = _rows(train)
+    assert [len(c[1]) - c[2] for c in chunks] == [6, 6, 6, 2]  # targets per chunk: 20 training interactions
+    assert [c[2] for c in chunks] == [0, 4, 4, 4] and [c[3] for c in chunks] == [0, 0, 0, 1]
+    targets = [item for user, items, start, last, _ in chunks for item in items[start:]]
+    assert targets == [f"i{t:02d}" for t in range(20)]  # each exactly once, in order
+    assert chunks[1][1][:4] == ("i02", "i03", "i04", "i05")  # context: the 4 items before the chunk
+    assert _rows(evaluation) == [("u", tuple(f"i{t:02d}" for t in range(14, 20)), 6, 1, ("i20", "i21", "i22"))]
+    assert counts == {"train": 20, "eval": 3, "users_evaluated": 1}
+
+
+def test_ties_in_time_are_broken_by_item():
+    events = [("u", "b", 1), ("u", "a", 1), ("u", "c", 0), ("u", "d", 2)]
+    train, evaluation, _ = collaborative.sequence_records(
+        _interactions(events), holdout=1, max_history=5, weighted=False
+    )
+    assert _rows(train) == [("u", ("c", "a", "b"), 0, 1, ())] and _rows(evaluation)[0][4] == ("d",)
+
+
+def test_keying_sends_every_interaction_of_a_user_to_one_bucket(write_config):
+    config = load_config(write_config(CONFIG))
+    users = [f"u{i % 37}" for i in range(500)]
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "user": pa.array([[u.encode()] for u in users], pa.large_list(pa.large_binary())),
+            "item": pa.array([[f"m{i}".encode()] for i in range(500)], pa.large_list(pa.large_binary())),
+            "ts": pa.array([[i] for i in range(500)], pa.large_list(pa.int64())),
+            "rating": pa.array([[1.0]] * 500, pa.large_list(pa.float32())),
+        }
+    )
+    parts = list(collaborative._by_bucket(batch, config, buckets=8))
+    assert sum(t.num_rows for _, t in parts) == 500 and len({k for k, _ in parts}) == len(parts) <= 8
+    bucket_of = {}
+    for bucket, table in parts:
+        for user in table.column("user").to_pylist():
+            assert bucket_of.setdefault(user, bucket) == bucket
+
+
+# -- the trainer's input and rankings -------------------------------------------------------
+
+
+def _records(items: list[list[int]], start: list[int], last: list[int], users=None) -> dict:
+    return {
+        "user": tf.constant(users or list(range(len(items))), tf.int64),
+        "items": tf.ragged.constant(items, dtype=tf.int64, row_splits_dtype=tf.int64),
+        "start": tf.constant(start, tf.int64),
+        "last": tf.constant(last, tf.int64),
+    }
+
+
+def test_pairs_are_every_target_with_the_items_before_it():
+    records = _records([[5, 6, 7, 8], [1, 2, 3]], start=[0, 2], last=[1, 0])  # record 1: two context items
+    pairs = sequences._pairs(records, 2, sequences.Validation(0.0, 1), False, tf.constant([0, 0], tf.int64))
+    got = sorted(
+        (int(t), tuple(int(h) for h in history), bool(has))
+        for t, history, has in zip(pairs["target"].numpy(), pairs["history"].numpy(), pairs["has_history"].numpy())
+    )
+    assert got == [(3, (1, 2), True), (5, (-1, -1), False), (6, (-1, 5), True), (7, (5, 6), True), (8, (6, 7), True)]
+    # with every user in the validation slice, the last target of each last record is left out
+    held = sequences._pairs(records, 2, sequences.Validation(1.0, 1), False, tf.constant([0, 0], tf.int64))
+    assert sorted(held["target"].numpy().tolist()) == [3, 5, 6, 7]
+
+
+def test_batches_are_one_size_and_padding_is_no_ones_negative():
+    pool = {"target": tf.range(5, dtype=tf.int64), "weight": tf.ones([5]), "history": tf.zeros([5, 2], tf.int64)}
+    pool.update(user=tf.zeros([5], tf.int64), has_history=tf.ones([5], tf.bool))
+    batches = list(sequences._batches(pool, 4))
+    assert [b["target"].shape[0] for b in batches] == [4, 4]
+    assert batches[1]["valid"].numpy().tolist() == [True, False, False, False] and float(batches[1]["weight"][1]) == 0
+    query = tf.constant(np.eye(4, 3, dtype=np.float32))
+    loss = retrieval.in_batch_softmax_loss(
+        query, query, tf.constant([0, 1, 2, 3], tf.int64), tf.zeros([4]), tf.ones([4])
+    )
+    padded = retrieval.in_batch_softmax_loss(
+        query,
+        query,
+        tf.constant([0, 1, 2, 3], tf.int64),
+        tf.zeros([4]),
+        tf.constant([1.0, 1.0, 0.0, 0.0]),
+        tf.constant([True, True, False, False]),
+    )
+    alone = retrieval.in_batch_softmax_loss(
+        query[:2], query[:2], tf.constant([0, 1], tf.int64), tf.zeros([4]), tf.ones([2])
+    )
+    assert float(padded) == pytest.approx(float(alone)) and float(loss) != pytest.approx(float(alone))
+
+
+def test_exact_top_k_skips_seen_items_in_every_chunk():
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(2500, 6)).astype(np.float32)  # three chunks, the last one short
+    query = rng.normal(size=(7, 6)).astype(np.float32)
+    seen = [list(rng.choice(2500, size=n, replace=False)) for n in (0, 3, 40, 1, 200, 5, 2499)]
+    scores = query @ items.T
+    for row, s in enumerate(seen):
+        scores[row, s] = SEEN
+    top, values = TopK(items)(tf.constant(query), tf.ragged.constant(seen, dtype=tf.int64), 10)
+    np.testing.assert_allclose(values, -np.sort(-scores, axis=1)[:, :10], rtol=1e-5)
+    assert all(not set(top[r]) & set(seen[r]) for r in range(6)) and (top < 2500).all()
+    assert values[6, 0] > SEEN and (values[6, 1:] == SEEN).all()  # the last user has seen all but one
+    popularity, _ = PopularityTopK(np.arange(2500, 0, -1))(
+        tf.zeros([7, 1]), tf.ragged.constant(seen, dtype=tf.int64), 10
+    )
+    assert popularity[0].tolist() == list(range(10)) and not set(popularity[4]) & set(seen[4])
+
+
+def test_recall_and_ndcg_count_distinct_targets_and_misses():
+    metrics = RankingMetrics([1, 3])
+    top = np.array([[4, 5, 6], [1, 2, 3]])
+    metrics.add(top, tf.ragged.constant([[5, 5, 9], [7]], dtype=tf.int64))  # 9 and 7 never ranked: misses
+    result = metrics.result()
+    assert result["recall@1"] == 0.0 and result["recall@3"] == pytest.approx((1 / 2 + 0) / 2)
+    ideal = 1 + 1 / np.log2(3)
+    assert result["ndcg@3"] == pytest.approx((1 / np.log2(3)) / ideal / 2)
+
+
+def test_bag_of_history_pools_by_position_from_the_end():
+    model = BagOfHistory(items=10, item_dim=3, max_history=4)
+    history = tf.constant([[2, 3, 4, 5], [-1, -1, -1, -1], [-1, -1, -1, 7]], tf.int64)  # right-aligned
+    query = model.query(None, history).numpy()
+    table = model.item_table.embeddings.numpy()
+    # untrained: a plain mean of the history; an empty history gives zeros
+    np.testing.assert_allclose(query[0], table[[2, 3, 4, 5]].mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(query[1], 0.0)
+    np.testing.assert_allclose(query[2], table[7], rtol=1e-6)
+    model.recency.assign([np.log(3.0), 0.0, 0.0, 0.0])  # the newest item counts three times
+    expected = (table[[2, 3, 4]].sum(axis=0) + 3 * table[5]) / 6
+    np.testing.assert_allclose(model.query(None, history).numpy()[0], expected, rtol=1e-6)
+    assert model.history_weights() == [1.0, 0.3333, 0.3333, 0.3333]
+
+
+# -- end to end -------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +225,26 @@ def watch_run(tmp_path_factory):
 
 
 def test_every_interaction_is_train_or_holdout(watch_run):
-    logs, manifest, _ = watch_run
+    logs, manifest, out = watch_run
     rows = manifest["preprocess"]["rows"]
     assert rows["read"] == logs.interactions.num_rows == rows["train"] + rows["eval"] + rows["dead_letter"]
     assert rows["dead_letter"] == 0 and rows["eval"] == 2 * manifest["preprocess"]["users_evaluated"]
+    counts = json.load(open(os.path.join(out, "runs", "w1", "preprocess", "id_counts.json")))
+    assert sum(counts["item"].values()) == sum(counts["user"].values()) == rows["train"]
+    assert (
+        len([f for f in os.listdir(os.path.join(out, "runs", "w1", "preprocess", "data")) if f.startswith("train-")])
+        > 1
+    )
 
 
 def test_models_beat_popularity_and_neighbours_share_the_planted_group(watch_run):
     logs, manifest, out = watch_run
-    metrics = manifest["train"]["eval_metrics"]
+    train = manifest["train"]
+    metrics = train["eval_metrics"]
     popularity = metrics["popularity"]["recall@20"]
     for model in ("two_tower", "bag_of_history"):
         assert metrics[model]["recall@20"] > 1.25 * popularity, metrics
-    assert manifest["train"]["headline_metric"]["value"] > 1.5 * popularity, metrics
+    assert train["headline_metric"]["value"] > 1.5 * popularity, metrics
     item = load_table(manifest["export"]["tables"]["item"])
     assert item.dim == 8 and item.keys[-1] == "<OOV 0>"
     group = {f"m{i:06d}": g for i, g in enumerate(logs.item_group)}
@@ -81,29 +259,38 @@ def test_models_beat_popularity_and_neighbours_share_the_planted_group(watch_run
     assert same > 0.6, same  # chance is 1/6 with 6 groups
     metadata = open(os.path.join(manifest["export"]["tables"]["item"], "metadata.tsv")).read().splitlines()
     assert metadata[0] == "key\tfrequency\tlabel" and metadata[1].split("\t")[2].startswith("Group ")
-    assert json.load(open(os.path.join(out, "runs", "w1", "manifest.json")))["train"]["best_model"] in (
-        "two_tower",
-        "bag_of_history",
-    )
-    weights = manifest["train"]["history_weights"]["bag_of_history"]
+    weights = train["history_weights"]["bag_of_history"]
     assert len(weights) == 3 and weights[0] == 1.0 and all(w > 0 for w in weights)
 
 
-def test_bag_of_history_pools_by_position_from_the_end():
-    import tensorflow as tf
+def test_the_exported_model_is_chosen_on_validation_not_on_the_test_holdout(watch_run):
+    _, manifest, _ = watch_run
+    train = manifest["train"]
+    validated = train["validation_metrics"]
+    assert train["chosen_on"] == "validation" and set(validated) == {"two_tower", "bag_of_history"}
+    assert train["best_model"] == max(validated, key=lambda m: validated[m]["recall@20"])
+    for model, curve in train["validation_curves"].items():
+        best = train["best_epochs"][model]
+        assert 1 <= best <= len(curve) <= 8 and curve[best - 1] == max(curve)
+        assert validated[model]["recall@20"] == curve[best - 1]
+        assert len(train["epoch_losses"][model]) == len(curve)
+    assert train["evaluation"] == {
+        "users": 500, "users_total": 500, "sampled": False, "validation_share": 1.0, "validation_holdout": 1,
+    }  # fmt: skip
 
-    model = BagOfHistory(items=10, item_dim=3, max_history=4)
-    history = tf.ragged.constant([[1, 2, 3, 4, 5], [], [7]], dtype=tf.int64)
-    query = model.query(None, history).numpy()
-    table = model.item_table.embeddings.numpy()
-    # untrained: a plain mean of the last max_history items; an empty history gives zeros
-    np.testing.assert_allclose(query[0], table[[2, 3, 4, 5]].mean(axis=0), rtol=1e-6)
-    np.testing.assert_array_equal(query[1], 0.0)
-    np.testing.assert_allclose(query[2], table[7], rtol=1e-6)
-    model.recency.assign([np.log(3.0), 0.0, 0.0, 0.0])  # the newest item counts three times
-    expected = (table[[2, 3, 4]].sum(axis=0) + 3 * table[5]) / 6
-    np.testing.assert_allclose(model.query(None, history).numpy()[0], expected, rtol=1e-6)
-    assert model.history_weights() == [1.0, 0.3333, 0.3333, 0.3333]
+
+def test_evaluation_on_a_sample_of_users_says_so(watch_run, tmp_path):
+    _, manifest, base = watch_run
+    run = os.path.join(own_copy(base, tmp_path), "runs", "w1")
+    config = load_config(manifest["preprocess"]["config"]["path"])
+    config = dataclasses.replace(
+        config,
+        evaluation=dataclasses.replace(config.evaluation, users=120),
+        training=dataclasses.replace(config.training, epochs=1, models=("two_tower",)),
+    )
+    section = retrieval.train(config, run)
+    assert section["evaluation"]["sampled"] is True and section["evaluation"]["users_total"] == 500
+    assert 60 < section["evaluation"]["users"] < 200
 
 
 def test_warm_start_of_a_collaborative_run(watch_run, tmp_path):
@@ -116,3 +303,17 @@ def test_warm_start_of_a_collaborative_run(watch_run, tmp_path):
     assert report[best]["item"]["source"] == os.path.join(out, "runs", "w1", "export", "item")
     assert report[best]["item"]["match_rate"] == 1.0
     assert load_table(warm["export"]["tables"]["item"]).dim == 8
+
+
+def test_ids_of_a_chunked_record_count_each_interaction_once():
+    batch = pa.RecordBatch.from_pydict(
+        {
+            "user": pa.array([[0], [0], [1]], pa.large_list(pa.int64())),
+            "start": pa.array([[0], [2], [0]], pa.large_list(pa.int64())),
+            "items": pa.array([[5, 6, 7], [6, 7, 8], [5]], pa.large_list(pa.int64())),
+        }
+    )
+    counts = collaborative.count_sequence_ids(batch, "user", "item")
+    assert dict(zip(*(a.tolist() for a in counts["item"]))) == {5: 2, 6: 1, 7: 1, 8: 1}
+    assert dict(zip(*(a.tolist() for a in counts["user"]))) == {0: 4, 1: 1}
+    assert pc.sum(pa.array(counts["user"][1])).as_py() == 5

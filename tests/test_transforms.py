@@ -1,6 +1,7 @@
 """The Beam stages on the tiny fixture, with TestPipeline + assert_that."""
 
 import dataclasses
+import json
 
 import apache_beam as beam
 import pyarrow as pa
@@ -17,8 +18,9 @@ from pipeline.transforms import (
     ParseAndValidate,
     ReadRawLogs,
     SplitTrainEval,
-    _count_ids,
-    _merge_counts,
+    count_column_ids,
+    counts_json,
+    merge_counts,
 )
 
 
@@ -57,8 +59,9 @@ def test_id_counts_merge_across_batches():
         counts = (
             p
             | beam.Create([batch([0, 1, 1]), batch([1, 2]), batch([0])])
-            | beam.Map(_count_ids, columns={"t": "t"})
-            | beam.CombineGlobally(_merge_counts)
+            | beam.Map(lambda element: count_column_ids(element[0], columns={"t": "t"}))
+            | beam.CombineGlobally(merge_counts)
+            | beam.Map(lambda merged: json.loads(counts_json(merged)))
         )
         assert_that(counts, equal_to([{"t": {"0": 2, "1": 3, "2": 1}}]))
 

@@ -1,10 +1,21 @@
-"""tf.data input: the transformed gzip TFRecords, parsed with the transform output's feature spec."""
+"""tf.data input of the supervised trainer: the transformed gzip TFRecords, streamed.
+
+The split's shards are read in parallel (in a new random order each epoch for the training
+split), go through a bounded shuffle buffer of serialized examples and are parsed in batches
+with the transform output's feature spec. A split is cached in memory after its first read only
+when it fits the memory budget (`training.cache_max_mb`); otherwise every epoch reads the files
+again, so memory never grows with the data.
+"""
 
 from __future__ import annotations
 
 import tensorflow as tf
 
 from schemas.features import LABEL_KEY
+
+# Serialized tf.Examples take about this many times their gzip size in memory (an upper estimate).
+CACHE_EXPANSION = 6
+READ_CYCLE = 4  # shards read at once
 
 
 def make_dataset(
@@ -16,17 +27,23 @@ def make_dataset(
     seed: int,
     label_shape_1: bool,
     num_rows: int | None = None,
+    shuffle_buffer: int = 200_000,
+    cache_max_bytes: int = 256 << 20,
 ) -> tf.data.Dataset:
-    """(features, label) batches of the transformed examples; cached in memory after one read.
+    """(features, label) batches of the transformed examples.
 
     Args:
         file_pattern: the split's gzip TFRecord shards.
         feature_spec: the transformed features to parse (the label under `LABEL_KEY`).
         batch_size: examples per batch.
-        shuffle: shuffle (the training split) with `seed`, anew each epoch.
+        shuffle: shuffle (the training split) with `seed`, anew each epoch: the shards' order
+            and the examples, through a buffer of `shuffle_buffer` serialized examples.
         seed: the shuffle seed.
         label_shape_1: labels as [batch, 1] (regression, binary) rather than [batch].
         num_rows: the split's rows (from the run manifest), so Keras can show progress.
+        shuffle_buffer: examples in the shuffle buffer.
+        cache_max_bytes: cache the split in memory only if its files are at most
+            `cache_max_bytes / CACHE_EXPANSION` bytes (0: never cache).
 
     Returns:
         A dataset of ({feature: [batch]}, label) pairs.
@@ -34,12 +51,22 @@ def make_dataset(
     Raises:
         FileNotFoundError: no file matches `file_pattern`.
     """
-    files = tf.io.gfile.glob(file_pattern)
+    files = sorted(tf.io.gfile.glob(file_pattern))
     if not files:
         raise FileNotFoundError(f"no transformed examples match {file_pattern!r}; run `embedpipe preprocess` first")
-    ds = tf.data.TFRecordDataset(sorted(files), compression_type="GZIP").cache()
+    ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
-        ds = ds.shuffle(200_000, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+        cycle_length=min(READ_CYCLE, len(files)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    if sum(tf.io.gfile.stat(f).length for f in files) * CACHE_EXPANSION <= cache_max_bytes:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if num_rows is not None:
         ds = ds.apply(tf.data.experimental.assert_cardinality(-(-num_rows // batch_size)))

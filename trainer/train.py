@@ -163,6 +163,8 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
             seed=t.seed,
             label_shape_1=task != "multiclass",
             num_rows=rows.get(split),
+            shuffle_buffer=t.shuffle_buffer,
+            cache_max_bytes=t.cache_max_mb << 20,
         )
         for split in layout.SPLITS
     }

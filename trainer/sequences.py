@@ -1,0 +1,245 @@
+"""tf.data input of the collaborative trainer: per-user sequence records in, training pairs and
+evaluation blocks out, streamed (nothing holds a whole split).
+
+The records are those of `pipeline.collaborative` (`schemas.features.transformed_sequence_spec`).
+
+* `training_pairs`: every training target of a record with the `max_history` items before it
+  as its history (right-aligned, padded with -1), shuffled: shards in a random order, read in
+  parallel, records through a shuffle buffer, and the pairs of a pool of records (about
+  `pool_pairs`) permuted together before they are cut into batches, so one batch mixes many
+  users. The validation targets (`Validation`) are left out.
+* `validation_blocks`: for the validation users, the last `validation_holdout` training items of
+  their (last) train record as targets, the items before them as history and seen set.
+* `eval_blocks`: the eval records (held-out targets), optionally a deterministic sample of users.
+
+Shapes: a pair batch is {"user": int64 [B], "history": int64 [B, H], "target": int64 [B],
+"weight": float32 [B], "has_history": bool [B], "valid": bool [B] (False: padding, in the last
+batch of a pool)}; a block is {"user": int64 [b], "history": int64
+[b, H], "seen": ragged int64 [b, (n)], "targets": ragged int64 [b, (t)]}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+from schemas.features import WEIGHTS, transformed_sequence_spec
+
+# Entries of a pool's history matrix [pairs, max_history] (int64): bounds a pool's memory (128 MB).
+MAX_POOL_ENTRIES = 16 << 20
+_GOLDEN = 2654435761  # Knuth's multiplicative hash: users -> a deterministic uniform sample
+
+
+def record_files(pattern: str) -> list[str]:
+    """The split's shards, sorted; FileNotFoundError when there are none."""
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {pattern!r}; run `embedpipe preprocess` first")
+    return files
+
+
+def sampled(user: tf.Tensor, share: float, salt: int) -> tf.Tensor:
+    """True for a deterministic `share` of users (by a hash of their row and `salt`)."""
+    if share >= 1:
+        return tf.ones_like(user, tf.bool)
+    hashed = ((user + salt) * _GOLDEN) % (1 << 32)
+    return hashed < int(share * (1 << 32))
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Which users give the validation slice: a `share` of the users whose last train record
+    keeps more than `holdout` training targets; their last `holdout` targets are never trained on."""
+
+    share: float
+    holdout: int
+
+    def users(self, user: tf.Tensor, last: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+        """bool [n]: the records that give up their last `holdout` targets to validation."""
+        if self.share <= 0:
+            return tf.zeros_like(user, tf.bool)
+        return (last == 1) & (targets > self.holdout) & sampled(user, self.share, salt=1)
+
+
+def _records(files: list[str], *, shuffle: bool, seed: int, cycle: int = 4) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed)
+    return ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+        cycle_length=min(cycle, len(files)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
+def _parse(serialized: tf.Tensor, weighted: bool) -> dict:
+    return tf.io.parse_example(serialized, transformed_sequence_spec(weighted))
+
+
+def windows(items: tf.RaggedTensor, positions: tf.Tensor, rows: tf.Tensor, history: int) -> tf.Tensor:
+    """The `history` items before each of `positions` in row `rows` of `items`, right-aligned.
+
+    Args:
+        items: int64 ragged [records, (items)].
+        positions: int64 [n], positions in their record.
+        rows: int64 [n], the record of each position.
+        history: H.
+
+    Returns:
+        int64 [n, H]: column H-1 is the item just before the position; -1 where there is none.
+    """
+    offsets = tf.range(-history, 0, dtype=tf.int64)[None, :]
+    where = positions[:, None] + offsets
+    flat = tf.gather(items.row_splits, rows)[:, None] + tf.maximum(where, 0)
+    return tf.where(where >= 0, tf.gather(items.flat_values, flat), tf.constant(-1, tf.int64))
+
+
+def _pairs(records: dict, history: int, validation: Validation, weighted: bool, seed) -> dict:
+    """Every training pair of a pool of parsed records, permuted (stateless, by `seed`)."""
+    items = records["items"]
+    lengths = items.row_lengths()
+    start = records["start"]
+    held = tf.where(validation.users(records["user"], records["last"], lengths - start), validation.holdout, 0)
+    stop = lengths - tf.cast(held, tf.int64)
+    counts = tf.maximum(stop - start, 0)
+    rows = tf.repeat(tf.range(tf.shape(lengths, out_type=tf.int64)[0]), counts)
+    positions = tf.ragged.range(start, tf.maximum(stop, start)).flat_values
+    flat = tf.gather(items.row_splits, rows) + positions
+    weight = tf.gather(records[WEIGHTS].flat_values, flat) if weighted else tf.ones_like(positions, tf.float32)
+    pairs = {
+        "user": tf.gather(records["user"], rows),
+        "history": windows(items, positions, rows, history),
+        "target": tf.gather(items.flat_values, flat),
+        "weight": weight,
+        "has_history": positions > 0,
+    }
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(rows)[0]), seed=seed)
+    return {k: tf.gather(v, order) for k, v in pairs.items()}
+
+
+def training_pairs(
+    pattern: str,
+    *,
+    history: int,
+    batch_size: int,
+    pool_pairs: int,
+    mean_pairs: float,
+    seed: int,
+    epoch: int,
+    weighted: bool,
+    validation: Validation,
+) -> tf.data.Dataset:
+    """Shuffled batches of training pairs for one epoch (see the module docstring).
+
+    Args:
+        pattern: the train split's shards.
+        history: H, the history window.
+        batch_size: pairs per batch (the last batch of a pool may be smaller).
+        pool_pairs: about how many pairs are permuted together (`training.shuffle_buffer`);
+            lowered so that a pool's history matrix stays under `MAX_POOL_ENTRIES`.
+        mean_pairs: training pairs per record, to turn `pool_pairs` into records.
+        seed, epoch: the shuffle is a function of both: the same run reshuffles every epoch the
+            same way.
+        weighted: the records have `weights`.
+        validation: whose last targets to leave out.
+
+    Returns:
+        A dataset of pair batches (shapes in the module docstring).
+    """
+    pool_pairs = max(batch_size, min(pool_pairs, MAX_POOL_ENTRIES // max(history, 1)))
+    pool_records = max(1, int(pool_pairs / max(mean_pairs, 1.0)))
+    records = _records(record_files(pattern), shuffle=True, seed=seed + epoch)
+    records = records.shuffle(4 * pool_records, seed=seed + epoch, reshuffle_each_iteration=False)
+    pools = records.batch(pool_records).map(lambda s: _parse(s, weighted), num_parallel_calls=tf.data.AUTOTUNE)
+    pools = pools.enumerate().map(
+        lambda i, r: _pairs(r, history, validation, weighted, tf.stack([tf.cast(seed + epoch, tf.int64), i])),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    return pools.flat_map(lambda p: _batches(p, batch_size)).prefetch(2)
+
+
+# What a padding pair holds (`valid` False): it weighs nothing and is no one's negative.
+_PADDING = {"user": 0, "history": -1, "target": 0, "weight": 0.0, "has_history": False, "valid": False}
+
+
+def _batches(pool: dict, batch_size: int) -> tf.data.Dataset:
+    """A permuted pool cut into batches in the graph: one dataset element per batch, not per pair.
+    Every batch has `batch_size` pairs (one shape, so the step compiles once); the last one of a
+    pool is filled up with padding pairs (`valid` False)."""
+    n = tf.shape(pool["target"])[0]
+    fill = (batch_size - n % batch_size) % batch_size
+    pool = {**pool, "valid": tf.ones([n], tf.bool)}
+
+    def padded(key, v):
+        shape = tf.concat([[fill], tf.shape(v)[1:]], 0)
+        return tf.reshape(
+            tf.concat([v, tf.fill(shape, tf.constant(_PADDING[key], v.dtype))], 0),
+            tf.concat([[-1, batch_size], tf.shape(v)[1:]], 0),
+        )
+
+    return tf.data.Dataset.from_tensor_slices({k: padded(k, v) for k, v in pool.items()})
+
+
+PARSE_RECORDS = 4096  # records parsed (and filtered) at once before they are cut into blocks
+
+
+def _selected_users(pattern: str, select, block_users: int) -> tf.data.Dataset:
+    """Records of the split, parsed in bulk, kept where `select(records)` ([n] bool) holds, then
+    batched `block_users` at a time."""
+
+    def keep(serialized):
+        records = _parse(serialized, weighted=False)
+        mask = select(records)
+        return {
+            k: tf.ragged.boolean_mask(v, mask) if isinstance(v, tf.RaggedTensor) else v[mask]
+            for k, v in records.items()
+        }
+
+    records = _records(record_files(pattern), shuffle=False, seed=0).batch(PARSE_RECORDS)
+    records = records.map(keep, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return records.batch(block_users)
+
+
+def _block(items: tf.RaggedTensor, user: tf.Tensor, targets: tf.RaggedTensor, history: int) -> dict:
+    lengths = items.row_lengths()
+    rows = tf.range(tf.shape(lengths, out_type=tf.int64)[0])
+    return {"user": user, "history": windows(items, lengths, rows, history), "seen": items, "targets": targets}
+
+
+def eval_blocks(pattern: str, *, history: int, block_users: int, share: float = 1.0) -> tf.data.Dataset:
+    """Blocks of eval users (their held-out `targets`), `share` of them by a deterministic sample.
+
+    Returns:
+        A dataset of blocks (shapes in the module docstring).
+    """
+    if share >= 1:  # every user: no filtering, so no unbatching
+        records = _records(record_files(pattern), shuffle=False, seed=0).batch(block_users)
+        records = records.map(lambda s: _parse(s, weighted=False), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        records = _selected_users(pattern, lambda r: sampled(r["user"], share, salt=2), block_users)
+    blocks = records.map(
+        lambda r: _block(r["items"], r["user"], r["targets"], history), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return blocks.prefetch(2)
+
+
+def validation_blocks(pattern: str, *, history: int, block_users: int, validation: Validation) -> tf.data.Dataset:
+    """Blocks of validation users: their last `validation.holdout` training targets held out.
+
+    Returns:
+        A dataset of blocks (shapes in the module docstring).
+    """
+    holdout = validation.holdout
+
+    def select(records):
+        return validation.users(records["user"], records["last"], records["items"].row_lengths() - records["start"])
+
+    def block(records):
+        items = records["items"]
+        return _block(items[:, :-holdout], records["user"], items[:, -holdout:], history)
+
+    records = _selected_users(pattern, select, block_users)
+    return records.map(block, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
