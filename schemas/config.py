@@ -269,11 +269,12 @@ class RetrievalTraining:
 
     models: tuple[str, ...] = RETRIEVAL_MODELS
     batch_size: int = 1024
-    epochs: int = 10  # at most: training stops when the validation metric stops improving
+    epochs: int = 30  # at most: training stops when the validation metric stops improving
     learning_rate: float = 0.01
     seed: int = 42
-    patience: int = 2  # epochs without a better validation metric before a model stops
+    patience: int = 3  # epochs without a better validation metric before a model stops
     shuffle_buffer: int = 65_536  # training pairs shuffled together (a pool of whole users)
+    refit: bool = True  # after early stopping, train anew on every pair for the chosen epochs
 
 
 @dataclass(frozen=True)
@@ -283,13 +284,14 @@ class RetrievalEvaluation:
     Test metrics rank every item for the users with a holdout (or a deterministic sample of
     `users` of them); the validation slice for early stopping and model choice is carved from
     the training data: the last `validation_holdout` training interactions of up to
-    `validation_users` users, never trained on.
+    `validation_users` users, left out of training while they choose (then, with
+    `training.refit`, the chosen models are trained anew on every pair).
     """
 
     k: tuple[int, ...] = (10, 20)
     users: int | None = None  # evaluate on a sample of this many eval users (None: all)
     validation_users: int = 5000
-    validation_holdout: int = 1
+    validation_holdout: int | None = None  # None: the interactions' `holdout`
 
     @property
     def headline(self) -> str:

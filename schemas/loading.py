@@ -551,7 +551,9 @@ class _Parser:
             k=tuple(self.integer(k, f"evaluation.k[{i}]", 1, 10_000) for i, k in enumerate(ks)),
             users=self.optional_integer(get("users"), "evaluation.users"),
             validation_users=self.integer(get("validation_users"), "evaluation.validation_users", 0),
-            validation_holdout=self.integer(get("validation_holdout"), "evaluation.validation_holdout", 1, 1000),
+            validation_holdout=self.optional_integer(
+                get("validation_holdout"), "evaluation.validation_holdout", 1, 1000
+            ),
         )
 
     def retrieval_training(self, raw) -> RetrievalTraining:
@@ -572,6 +574,7 @@ class _Parser:
             seed=self.integer(get("seed"), "training.seed", 0),
             patience=self.integer(get("patience"), "training.patience"),
             shuffle_buffer=self.integer(get("shuffle_buffer"), "training.shuffle_buffer", 2),
+            refit=self.boolean(get("refit"), "training.refit"),
         )
 
 

@@ -267,7 +267,7 @@ def test_the_exported_model_is_chosen_on_validation_not_on_the_test_holdout(watc
     _, manifest, _ = watch_run
     train = manifest["train"]
     validated = train["validation_metrics"]
-    assert train["chosen_on"] == "validation" and set(validated) == {"two_tower", "bag_of_history"}
+    assert train["chosen_on"] == "validation" and set(validated) == {"two_tower", "bag_of_history"} and train["refit"]
     assert train["best_model"] == max(validated, key=lambda m: validated[m]["recall@20"])
     for model, curve in train["validation_curves"].items():
         best = train["best_epochs"][model]
@@ -275,7 +275,7 @@ def test_the_exported_model_is_chosen_on_validation_not_on_the_test_holdout(watc
         assert validated[model]["recall@20"] == curve[best - 1]
         assert len(train["epoch_losses"][model]) == len(curve)
     assert train["evaluation"] == {
-        "users": 500, "users_total": 500, "sampled": False, "validation_share": 1.0, "validation_holdout": 1,
+        "users": 500, "users_total": 500, "sampled": False, "validation_share": 1.0, "validation_holdout": 2,
     }  # fmt: skip
 
 

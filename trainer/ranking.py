@@ -44,7 +44,6 @@ class TopK:
         padded[:-1, : self.rows] = items.T
         padded[-1, self.rows :] = PADDING
         self.items_t = tf.constant(padded)
-        self._top = tf.function(self._top_k, reduce_retracing=True)
 
     def __call__(self, query: tf.Tensor, seen: tf.RaggedTensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items of each query.
@@ -58,23 +57,28 @@ class TopK:
             (rows int64 [b, k], scores float32 [b, k]), best first; seen items score `SEEN`.
         """
         k = min(int(k), self.rows)
-        rows, scores = self._top(tf.convert_to_tensor(query, tf.float32), seen, tf.constant(k))
+        query = tf.convert_to_tensor(query, tf.float32)
+        rows, scores = _chunked_top_k(
+            query, self.items_t, seen.value_rowids(), seen.flat_values, tf.constant(k), self.rows, self.chunks
+        )
         return rows.numpy(), scores.numpy()
 
-    def _top_k(self, query, seen, k):
-        b = tf.shape(query)[0]
-        scores = tf.matmul(tf.concat([query, tf.ones([b, 1])], axis=1), self.items_t)  # [b, chunks * CHUNK]
-        user = seen.value_rowids()
-        item = seen.flat_values
-        inside = item < self.rows
-        index = tf.stack([user[inside], item[inside]], axis=1)
-        scores = tf.tensor_scatter_nd_update(scores, index, tf.fill([tf.shape(index)[0]], SEEN))
-        chunked = tf.reshape(scores, [b, self.chunks, CHUNK])
-        best = tf.math.top_k(tf.reduce_max(chunked, axis=2), tf.minimum(k, self.chunks)).indices  # [b, c]
-        candidates = tf.reshape(tf.gather(chunked, best, batch_dims=1), [b, -1])
-        ids = tf.reshape(tf.cast(best, tf.int64)[:, :, None] * CHUNK + tf.range(CHUNK, dtype=tf.int64), [b, -1])
-        top = tf.math.top_k(candidates, k)
-        return tf.gather(ids, top.indices, batch_dims=1), top.values
+
+@tf.function(reduce_retracing=True)
+def _chunked_top_k(query, items_t, seen_users, seen_items, k, rows: int, chunks: int):
+    """`TopK.__call__`'s work, one trace for every table of the same size (a function of the
+    module, not of one TopK, so that each evaluation does not trace it again)."""
+    b = tf.shape(query)[0]
+    scores = tf.matmul(tf.concat([query, tf.ones([b, 1])], axis=1), items_t)  # [b, chunks * CHUNK]
+    inside = seen_items < rows
+    index = tf.stack([seen_users[inside], seen_items[inside]], axis=1)
+    scores = tf.tensor_scatter_nd_update(scores, index, tf.fill([tf.shape(index)[0]], SEEN))
+    chunked = tf.reshape(scores, [b, chunks, CHUNK])
+    best = tf.math.top_k(tf.reduce_max(chunked, axis=2), tf.minimum(k, chunks)).indices  # [b, c]
+    candidates = tf.reshape(tf.gather(chunked, best, batch_dims=1), [b, -1])
+    ids = tf.reshape(tf.cast(best, tf.int64)[:, :, None] * CHUNK + tf.range(CHUNK, dtype=tf.int64), [b, -1])
+    top = tf.math.top_k(candidates, k)
+    return tf.gather(ids, top.indices, batch_dims=1), top.values
 
 
 class PopularityTopK:

@@ -224,12 +224,14 @@ class Data:
         )
         ev = config.evaluation
         users = max(self.users.vocabulary_size or self.users.rows, 1)
-        self.validation = sequences.Validation(min(1.0, ev.validation_users / users), ev.validation_holdout)
+        holdout = config.holdout if ev.validation_holdout is None else ev.validation_holdout
+        self.validation = sequences.Validation(min(1.0, ev.validation_users / users), holdout)
         self.eval_share = 1.0 if ev.users is None or self.eval_users <= ev.users else ev.users / self.eval_users
         self._validation_blocks = None
 
-    def pairs(self, epoch: int) -> tf.data.Dataset:
-        """One epoch of shuffled training pairs (`trainer.sequences.training_pairs`)."""
+    def pairs(self, epoch: int, validation: bool = True) -> tf.data.Dataset:
+        """One epoch of shuffled training pairs (`trainer.sequences.training_pairs`), the
+        validation slice left out (`validation`) or not."""
         t = self.config.training
         return sequences.training_pairs(
             self.train,
@@ -240,7 +242,7 @@ class Data:
             seed=t.seed,
             epoch=epoch,
             weighted=self.weighted,
-            validation=self.validation,
+            validation=self.validation if validation else sequences.Validation(0.0, self.validation.holdout),
         )
 
     def validation_blocks(self) -> list[dict]:
@@ -265,17 +267,20 @@ class Data:
         )
 
 
-def fit(model: keras.Model, name: str, data: Data, *, epochs: int) -> dict:
+def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: bool = True) -> dict:
     """Trains `model` with the in-batch softmax, epoch by epoch, early-stopped on validation.
 
     After every epoch the model is scored on the validation slice; it stops after `patience`
-    epochs without a better headline metric and ends with its best epoch's weights.
+    epochs without a better headline metric (an equal one counts as better: on a plateau the
+    later epoch is kept) and ends with its best epoch's weights.
 
     Args:
         model: a `TwoTower` or `BagOfHistory`.
         name: the model's name, for the logs.
         data: the run's data.
         epochs: at most this many epochs.
+        validate: leave the validation slice out and stop early on it; False trains on every
+            pair for exactly `epochs` epochs (the refit).
 
     Returns:
         {"losses": mean loss per epoch, "validation": validation metrics per epoch,
@@ -315,10 +320,11 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int) -> dict:
 
     first = tf.function(step)  # builds the optimizer's slots outside the loop of `steps`
     losses, curve, best, best_epoch, seconds, examples = [], [], None, 0, 0.0, 0
-    validate = data.validation.share > 0
+    validate = validate and data.validation.share > 0
+    what = f"train {name}" if validate or data.validation.share <= 0 else f"refit {name} on every pair"
     for epoch in range(epochs):
-        progress = Progress(_LOG, f"train {name}: epoch {epoch + 1}/{epochs}", total=data.train_pairs, unit="examples")
-        iterator, total, count = iter(data.pairs(epoch)), 0.0, 0
+        progress = Progress(_LOG, f"{what}: epoch {epoch + 1}/{epochs}", total=data.train_pairs, unit="examples")
+        iterator, total, count = iter(data.pairs(epoch, validation=validate)), 0.0, 0
         if not optimizer.built:
             loss, n = first(next(iterator))
             total, count = float(loss), 1
@@ -333,12 +339,12 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int) -> dict:
         seconds += progress.done()
         examples += progress.count
         if not validate:
-            _LOG.info("train %s: epoch %d/%d loss %.4f", name, epoch + 1, epochs, losses[-1])
+            _LOG.info("%s: epoch %d/%d loss %.4f", what, epoch + 1, epochs, losses[-1])
             continue
         metrics = evaluate({name: model}, data.validation_blocks(), data, what=f"validation {name}")[0][name]
         curve.append(metrics)
         _LOG.info("train %s: epoch %d/%d loss %.4f, validation %s", name, epoch + 1, epochs, losses[-1], _fmt(metrics))
-        if best is None or metrics[headline] > curve[best_epoch][headline]:
+        if best is None or metrics[headline] >= curve[best_epoch][headline]:
             best, best_epoch = model.get_weights(), epoch
         elif epoch - best_epoch >= t.patience:
             _LOG.info(
@@ -424,6 +430,12 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         model = build(name, data.users, data.items, config.max_history)
         warm[name] = _warm_start(model, config, specs, tft_output)
         fits[name] = fit(model, name, data, epochs=epochs or t.epochs)
+        if t.refit and fits[name]["validation"]:
+            # The validation slice chose the epochs; the model that serves learns from every pair.
+            keras.utils.set_random_seed(t.seed)
+            model = build(name, data.users, data.items, config.max_history)
+            _warm_start(model, config, specs, tft_output)
+            fit(model, name, data, epochs=fits[name]["best_epoch"], validate=False)
         if isinstance(model, BagOfHistory):
             history_weights[name] = model.history_weights()
             _LOG.info("%s: history weights, newest first: %s ...", name, history_weights[name][:10])
@@ -447,6 +459,7 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         "models": list(t.models),
         "best_model": best,
         "chosen_on": "validation" if validated else "config order (no validation slice)",
+        "refit": bool(t.refit and validated),
         "eval_metrics": results,
         "validation_metrics": validated,
         "headline_metric": {"name": headline, "value": results[best][headline], "model": best},
@@ -460,7 +473,7 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
             "users_total": data.eval_users,
             "sampled": sampled,
             "validation_share": round(data.validation.share, 6),
-            "validation_holdout": ev.validation_holdout,
+            "validation_holdout": data.validation.holdout,
         },
         **({"warm_start": warm} if any(warm.values()) else {}),
         "tables": {n: {"rows": s.rows, "dim": s.dim} for n, s in specs.items()},
