@@ -47,6 +47,7 @@ from schemas import layout
 from schemas.config import CollaborativeConfig, Config, DatasetConfig
 from schemas.features import raw_feature_spec
 from schemas.manifest import drop_sections, update_manifest
+from schemas.progress import Heartbeat
 from schemas.tables import table_specs
 
 _LOG = logging.getLogger(__name__)
@@ -130,8 +131,9 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
         p = beam.Pipeline(options=options)
         build = collaborative.build_pipeline if isinstance(config, CollaborativeConfig) else build_pipeline
         build(p, config, output_dir, options.get_all_options().get("temp_location") or local_temp)
-        result = p.run()
-        result.wait_until_finish()
+        with Heartbeat(_LOG, "preprocess"):  # tf.Transform's own steps log nothing for minutes
+            result = p.run()
+            result.wait_until_finish()
     elapsed = time.time() - started
     counts = _counters(result)
     dead = {k[len("dead_letter_") :]: v for k, v in counts.items() if k.startswith("dead_letter_")}

@@ -16,9 +16,11 @@ every `Progress` of the process: a line is due when the process has had no progr
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 EVERY_S = 30.0
+_clock = time.monotonic  # one clock for every line and rate (a fake one in the tests)
 
 
 class Progress:
@@ -37,21 +39,23 @@ class Progress:
     ):
         self.logger, self.what, self.total, self.unit, self.every_s = logger, what, total, unit, every_s
         self.count = 0
-        self.started = time.monotonic()
+        self.started = _clock()
 
-    _last_line = time.monotonic()  # when any Progress of the process last logged
+    _last_line = _clock()  # when any Progress of the process last logged
+    latest: str = ""  # the last line any Progress logged, for `Heartbeat`
 
     def add(self, n: int = 1) -> None:
         """Counts `n` more; logs a line when no progress line came for `every_s` seconds."""
         self.count += n
-        now = time.monotonic()
+        now = _clock()
         if now - Progress._last_line >= self.every_s:
             Progress._last_line = now
-            self.logger.info("%s: %s", self.what, self.line(now))
+            Progress.latest = f"{self.what}: {self.line(now)}"
+            self.logger.info("%s", Progress.latest)
 
-    def line(self, now: float | None = None) -> str:
-        """`done[/total] unit (share), rate unit/s[, ETA]` as of `now`."""
-        elapsed = max((now or time.monotonic()) - self.started, 1e-9)
+    def line(self, now: float | None = None, eta: bool = True) -> str:
+        """`done[/total] unit (share), rate unit/s[, ETA]` as of `now` (no ETA when `eta` is false)."""
+        elapsed = max((_clock() if now is None else now) - self.started, 1e-9)
         rate = self.count / elapsed
         text = f"{self.count:,}"
         if self.total:
@@ -59,16 +63,50 @@ class Progress:
         else:
             text += f" {self.unit}"
         text += f", {rate:,.0f} {self.unit}/s"
-        if self.total and rate > 0 and self.count < self.total:
+        if eta and self.total and rate > 0 and self.count < self.total:
             text += f", ETA {_duration((self.total - self.count) / rate)}"
         return text
 
     def done(self) -> float:
         """Logs the closing line (totals, rate, time taken); returns the seconds taken."""
-        Progress._last_line = now = time.monotonic()
+        Progress._last_line = now = _clock()
         elapsed = now - self.started
-        self.logger.info("%s: done, %s in %s", self.what, self.line(now), _duration(elapsed))
+        Progress.latest = f"{self.what}: done, {self.line(now, eta=False)} in {_duration(elapsed)}"
+        self.logger.info("%s", Progress.latest)
         return elapsed
+
+
+class Heartbeat:
+    """A line every `every_s` seconds while work without progress lines of its own runs.
+
+        with Heartbeat(logger, "preprocess"):
+            result = pipeline.run()       # e.g. tf.Transform's analysis, between our own steps
+
+    Whenever the process has had no progress line for `every_s`, a background thread logs
+    `preprocess: still running after 2m30s (last: <the last progress line>)`.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, every_s: float = EVERY_S):
+        self.logger, self.what, self.every_s = logger, what, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat {what}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.started = _clock()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(5.0, self.every_s)):
+            now = _clock()
+            if now - Progress._last_line >= self.every_s:
+                Progress._last_line = now
+                last = f" (last: {Progress.latest})" if Progress.latest else ""
+                self.logger.info("%s: still running after %s%s", self.what, _duration(now - self.started), last)
 
 
 def _duration(seconds: float) -> str:

@@ -14,7 +14,8 @@ It holds:
   per reason, eval metrics, timings;
 * training curves: per-epoch metrics of a supervised run (`history` in the manifest's `train`
   section, else `<model_dir>/history.json`, train and eval on one chart per metric), the
-  per-model epoch losses and recency weights of a collaborative run, and the baseline's curves;
+  per-model epoch losses, validation curves and recency weights of a collaborative run, and
+  the baseline's curves;
 * per exported table (`trainer.tables.load_table`): a 2-D PCA projection of the most frequent
   rows (labelled with item titles where the table has labels), the cosine nearest neighbours of
   the most frequent keys (OOV rows never returned), vocabulary coverage (the share of training
@@ -159,6 +160,10 @@ def _training_curves(output_dir: str, manifest: dict) -> list[tuple[str, str, di
         prefix = "baseline: " if section_name == "baseline" else ""
         if "epoch_losses" in section:  # collaborative: {model: [loss per epoch]}
             charts.append((f"{prefix}training loss per model", "epoch", section["epoch_losses"]))
+        curves = {m: c for m, c in section.get("validation_curves", {}).items() if c}
+        if curves:  # collaborative: {model: [validation headline metric per epoch]}
+            headline = section.get("headline_metric", {}).get("name", "metric")
+            charts.append((f"{prefix}validation {headline} per model (chooses epochs and model)", "epoch", curves))
         history = _history_file(output_dir, section_name, section)
         for metric, series in _group_history(history).items():
             charts.append((prefix + metric, "epoch", series))

@@ -451,7 +451,7 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
     for name, metrics in results.items():
         _LOG.info("eval %s: %s", name, _fmt(metrics))
     headline = ev.headline
-    validated = {name: fit["validation"][fit["best_epoch"] - 1] for name, fit in fits.items() if fit["validation"]}
+    validated = {name: f["validation"][f["best_epoch"] - 1] for name, f in fits.items() if f["validation"]}
     # Chosen on the validation slice; without one (validation_users: 0), the first model.
     best = max(validated, key=lambda m: validated[m][headline]) if validated else t.models[0]
     sampled = data.eval_share < 1
@@ -463,10 +463,10 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         "eval_metrics": results,
         "validation_metrics": validated,
         "headline_metric": {"name": headline, "value": results[best][headline], "model": best},
-        "epoch_losses": {name: fit["losses"] for name, fit in fits.items()},
-        "validation_curves": {name: [m[headline] for m in fit["validation"]] for name, fit in fits.items()},
-        "best_epochs": {name: fit["best_epoch"] for name, fit in fits.items()},
-        "examples_per_s": {name: fit["examples_per_s"] for name, fit in fits.items()},
+        "epoch_losses": {name: f["losses"] for name, f in fits.items()},
+        "validation_curves": {name: [m[headline] for m in f["validation"]] for name, f in fits.items()},
+        "best_epochs": {name: f["best_epoch"] for name, f in fits.items()},
+        "examples_per_s": {name: f["examples_per_s"] for name, f in fits.items()},
         "history_weights": history_weights,
         "evaluation": {
             "users": evaluated,
