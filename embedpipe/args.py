@@ -17,7 +17,7 @@ COMMANDS = {
     "export": "write every embedding table of the trained model",
     "example-data": "write an example dataset (flights, watchlogs, movielens) as input for a bundled config",
     "neighbors": "nearest neighbours of keys (or labels) in an exported table; --all for every row",
-    "recommend": "top items for users of a two-tower export",
+    "recommend": "top items for users of a collaborative export; --all for every user",
     "clusters": "k-means clusters of an exported table",
     "report": "a self-contained HTML page of a run: summary, training curves, every table",
     "publish": "verify a versioned run (--output ROOT --run-id ID) and point ROOT/LATEST at it",
@@ -124,14 +124,26 @@ def neighbors_parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", type=int, default=10, help="neighbours per key (default 10)")
     parser.add_argument("--all", action="store_true", help="write the neighbours of every row to --output")
     parser.add_argument("--output", help="with --all: Parquet path (default: TABLE/neighbors.parquet)")
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="with --all: an HNSW index (the `ann` extra), built once beside the table",
+    )
     return parser
 
 
 def recommend_parser() -> argparse.ArgumentParser:
-    parser = _parser("recommend", "Top items for a user (two-tower exports).")
-    parser.add_argument("export", help="an export directory holding `user` and `item` tables")
-    parser.add_argument("users", nargs="+", help="user keys")
-    parser.add_argument("-k", type=int, default=10)
+    parser = _parser("recommend", "Top items for users of a collaborative export (their history excluded).")
+    parser.add_argument("export", help="an export directory holding `user` and `item` tables (e.g. ROOT/LATEST/export)")
+    parser.add_argument("users", nargs="*", help="user keys")
+    parser.add_argument("--all", action="store_true", help="every user -> EXPORT/recommendations.parquet, in blocks")
+    parser.add_argument("-k", type=int, default=10, help="items per user (default 10)")
+    parser.add_argument("--output", help="with --all: Parquet path (default: EXPORT/recommendations.parquet)")
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="with --all: an HNSW index (the `ann` extra), built once beside the item table",
+    )
     return parser
 
 

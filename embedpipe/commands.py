@@ -2,13 +2,13 @@
 the report out.
 
     embedpipe example-data flights --output data/
-    embedpipe neighbors EXPORT/item "Toy Story (1995)" -k 10      # or --all
-    embedpipe recommend EXPORT u000123 -k 10
+    embedpipe neighbors EXPORT/item "Toy Story (1995)" -k 10      # or --all [--approximate]
+    embedpipe recommend EXPORT u000123 -k 10                     # or --all
     embedpipe clusters EXPORT/item -k 50
     embedpipe report embedpipe_output/taxi
 
 Each function is one command: it parses its argv (`embedpipe.args`), calls the library
-(`pipeline.datasets`, `trainer.neighbors`, `trainer.report`), prints what it did and returns it.
+(`pipeline.datasets`, `trainer.neighbors`, `trainer.recommender`, `trainer.report`), prints what it did and returns it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import os
 
 from embedpipe import args as cli_args
 from pipeline import datasets
-from schemas.layout import resolve_run
+from schemas.layout import resolve, resolve_run
+from trainer import ann, recommender
 from trainer import neighbors as nn
 from trainer.report import write_report
 from trainer.tables import load_table
@@ -41,11 +42,17 @@ def neighbors(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not args.keys and not args.all:
         parser.error("give one or more keys, or --all")
+    _check_approximate(parser, args)
     table = load_table(args.table)
     if args.all:
-        result = nn.write_all_neighbors(table, args.k, args.output or os.path.join(table.path, "neighbors.parquet"))
+        index = ann.HnswIndex.load_or_build(table, "cosine") if args.approximate else None
+        result = nn.write_all_neighbors(
+            table, args.k, args.output or os.path.join(table.path, "neighbors.parquet"), index=index
+        )
+        how = "approximate, " if result["approximate"] else ""
         print(
-            f"wrote the top {result['k']} neighbours of {result['rows']} rows to {result['path']} ({result['seconds']}s)"
+            f"wrote the top {result['k']} neighbours of {result['rows']} rows to {result['path']} "
+            f"({how}{result['seconds']}s)"
         )
         return {"all": result}
     index = nn.NeighborIndex(table)
@@ -55,9 +62,28 @@ def neighbors(argv: list[str] | None = None) -> dict:
 
 
 def recommend(argv: list[str] | None = None) -> dict:
-    """`embedpipe recommend`: top items per user of a two-tower export; {user: [(key, label, score)]}."""
-    args, _ = cli_args.parse("recommend", argv)
-    found = nn.recommend_users(args.export, args.users, args.k)
+    """`embedpipe recommend`: top items of some users, or of every user (`--all`).
+
+    Returns:
+        {"all": `recommend_all` result} or {user: [(key, label, score)]}.
+    """
+    parser = cli_args.recommend_parser()
+    args = parser.parse_args(argv)
+    if not args.users and not args.all:
+        parser.error("give one or more user keys, or --all")
+    _check_approximate(parser, args)
+    if args.all:
+        index = None
+        if args.approximate:
+            index = ann.HnswIndex.load_or_build(load_table(os.path.join(resolve(args.export), "item")), "dot")
+        result = recommender.recommend_all(args.export, args.k, args.output, index=index)
+        how = "approximate, " if result["approximate"] else ""
+        print(
+            f"wrote the top {result['k']} items of {result['users']} users to {result['path']} "
+            f"({how}{result['seconds']}s)"
+        )
+        return {"all": result}
+    found = recommender.recommend_users(args.export, args.users, args.k)
     print_ranked(found)
     return found
 
@@ -77,6 +103,13 @@ def report(argv: list[str] | None = None) -> str:
     path = write_report(resolve_run(args.output_dir), args.out)
     print(f"wrote {path}")
     return path
+
+
+def _check_approximate(parser, args) -> None:
+    if args.approximate and not args.all:
+        parser.error("--approximate goes with --all")
+    if args.approximate and not ann.available():
+        parser.error(ann.MISSING)
 
 
 def print_ranked(results: dict) -> None:

@@ -260,14 +260,14 @@ class ItemMetadata:
     format: str = "parquet"
 
 
-RETRIEVAL_MODELS = ("two_tower", "bag_of_history")
+RETRIEVAL_MODELS = ("two_tower", "bag_of_history", "self_attention")
 
 
 @dataclass(frozen=True)
 class RetrievalTraining:
     """`training:` of a collaborative config: which models to train, and how."""
 
-    models: tuple[str, ...] = RETRIEVAL_MODELS
+    models: tuple[str, ...] = ("two_tower", "bag_of_history")  # of RETRIEVAL_MODELS; self_attention is opt-in
     batch_size: int = 1024
     epochs: int = 30  # at most: training stops when the validation metric stops improving
     learning_rate: float = 0.01

@@ -18,6 +18,8 @@ nowhere else::
         model/<model>/tables.npz    collaborative: one directory per model (`retrieval_tables_path`)
         baseline/                   the numeric-only supervised model (`model_dir(baseline=True)`)
         export/<table>/             exported tables (`table_dir`)
+        export/recommender/         collaborative: SavedModel, histories.parquet (`recommender_dir`)
+        export/recommendations.parquet   `embedpipe recommend EXPORT --all` (`recommendations_path`)
 
 A run directory may also be used on its own (no root, no run id): the stage commands without
 `--run-id` write straight into their `--output`. What writes and publishes runs is
@@ -232,6 +234,21 @@ def export_dir(output_dir: str) -> str:
 def table_dir(output_dir: str, table: str) -> str:
     """An exported table's directory (`trainer.export`)."""
     return os.path.join(export_dir(output_dir), table)
+
+
+def recommender_dir(export_directory: str) -> str:
+    """The recommender of a collaborative export (`trainer.recommender`), from the export's directory."""
+    return os.path.join(export_directory, "recommender")
+
+
+def histories_path(export_directory: str) -> str:
+    """Every user's history (`user`, `items` oldest first) beside the recommender."""
+    return os.path.join(recommender_dir(export_directory), "histories.parquet")
+
+
+def recommendations_path(export_directory: str) -> str:
+    """Top-k items of every user (`embedpipe recommend EXPORT --all`)."""
+    return os.path.join(export_directory, "recommendations.parquet")
 
 
 def stage_outputs(output_dir: str) -> list[str]:

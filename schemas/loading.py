@@ -489,9 +489,10 @@ class _Parser:
             if columns[weight] == "string":
                 self.fail("interactions.weight", f"column {weight!r} must be numeric")
         training = self.retrieval_training(top.get("training"))
-        if "two_tower" in training.models and "auto" not in (user.dim, item.dim) and user.dim != item.dim:
+        if "auto" not in (user.dim, item.dim) and user.dim != item.dim:
             self.fail(
-                "interactions.user.dim", f"two_tower scores u . v: the user dim must equal the item dim ({item.dim})"
+                "interactions.user.dim",
+                f"user vectors are scored against item vectors (u . v): the user dim must equal the item dim ({item.dim})",
             )
         return CollaborativeConfig(
             name=self.string(top["name"], "name"),

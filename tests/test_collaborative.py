@@ -4,22 +4,27 @@ rankings, and one end-to-end run on a small synthetic watch log with planted gen
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from embedpipe import stages
+from embedpipe import cli, stages
 from pipeline import collaborative, synthetic
 from pipeline.preprocess import LOCAL_RUNNER
 from pipeline.transforms import EVAL, TRAIN
 from schemas.loading import load_config
-from trainer import retrieval, sequences
+from schemas.tables import TableSpec
+from trainer import recommender, retrieval, sequences
+from trainer.export import export as export_stage
 from trainer.ranking import SEEN, PopularityTopK, RankingMetrics, TopK
 from trainer.retrieval import BagOfHistory
 from trainer.tables import load_table
@@ -317,3 +322,130 @@ def test_ids_of_a_chunked_record_count_each_interaction_once():
     assert dict(zip(*(a.tolist() for a in counts["item"]))) == {5: 2, 6: 1, 7: 1, 8: 1}
     assert dict(zip(*(a.tolist() for a in counts["user"]))) == {0: 4, 1: 1}
     assert pc.sum(pa.array(counts["user"][1])).as_py() == 5
+
+
+# -- recommendations --------------------------------------------------------------------------
+
+
+def test_every_user_gets_recommendations_without_their_history(watch_run, tmp_path, capsys):
+    logs, manifest, base = watch_run
+    root = own_copy(base, tmp_path)
+    export = os.path.join(root, "runs", "w1", "export")
+    users = load_table(os.path.join(export, "user"))
+    histories = pq.read_table(os.path.join(export, "recommender", "histories.parquet")).to_pydict()
+    assert sorted(histories["user"]) == sorted(users.keys[: users.real_rows])  # every user of the table, once
+    interactions = logs.interactions.to_pydict()
+    watched = {}
+    for user, item in zip(interactions["user"], interactions["item"]):
+        watched.setdefault(user, set()).add(item)
+    items = load_table(os.path.join(export, "item"))
+    vocabulary = set(items.keys[: items.real_rows])
+    for user, history in zip(histories["user"], histories["items"]):  # held-out items included
+        assert {i for i in history if i in vocabulary} == watched[user] & vocabulary
+    assert cli.main(["recommend", os.path.join(root, "LATEST", "export"), "--all", "-k", "5"]) == 0
+    assert "wrote the top 5 items of 500 users" in capsys.readouterr().out
+    written = pq.read_table(os.path.join(export, "recommendations.parquet"))
+    assert written.schema.names == ["user", "items", "scores"]
+    assert str(written.schema.field("scores").type) == "list<element: float>"
+    rows = written.to_pylist()
+    assert len(rows) == 500
+    for row in rows:
+        assert len(row["items"]) == 5 and not set(row["items"]) & watched[row["user"]]
+        assert row["scores"] == sorted(row["scores"], reverse=True)
+        assert set(row["items"]) <= vocabulary
+    one = recommender.recommend_users(export, [rows[0]["user"]], k=5)[rows[0]["user"]]
+    assert [key for key, _, _ in one] == rows[0]["items"]
+    # the same from an HNSW index of the item table (built beside it), seen items still excluded
+    approximate = str(tmp_path / "approximate.parquet")
+    assert cli.main(["recommend", export, "--all", "-k", "5", "--approximate", "--output", approximate]) == 0
+    assert os.path.exists(os.path.join(export, "item", "hnsw-dot.faiss"))
+    found = {row["user"]: row["items"] for row in pq.read_table(approximate).to_pylist()}
+    assert all(not set(found[u]) & watched[u] for u in found) and len(found) == 500
+    overlap = np.mean([len(set(found[row["user"]]) & set(row["items"])) / 5 for row in rows])
+    assert overlap >= 0.9, overlap
+
+
+@pytest.mark.parametrize("model", ["bag_of_history", "self_attention"])
+def test_a_history_models_query_from_item_keys_is_its_exported_user_vector(watch_run, tmp_path, model):
+    _, manifest, base = watch_run
+    run = os.path.join(own_copy(base, tmp_path), "runs", "w1")
+    config = load_config(manifest["preprocess"]["config"]["path"])
+    config = dataclasses.replace(config, training=dataclasses.replace(config.training, epochs=2, models=(model,)))
+    trained = retrieval.train(config, run)
+    assert trained["best_model"] == model
+    export_stage(config, run)
+    export = os.path.join(run, "export")
+    users = load_table(os.path.join(export, "user"))
+    histories = pq.read_table(os.path.join(export, "recommender", "histories.parquet")).to_pydict()
+    served = recommender.Recommender(export)
+    assert served.manifest["model"] == model
+    vectors = served.query(histories["items"][:50])
+    np.testing.assert_allclose(vectors, users.vectors[[users.row(u) for u in histories["user"][:50]]], atol=1e-5)
+    # a new user: a history of raw keys, one of them never seen (an OOV row, as in training)
+    history = histories["items"][0][-3:-1] + ["a movie nobody watched"]
+    (ranked,) = served.recommend([history], k=4)
+    assert len(ranked) == 4 and not {key for key, _ in ranked} & set(history)
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+    expected = served.query([history])[0] @ load_table(os.path.join(export, "item")).vector(ranked[0][0])
+    assert ranked[0][1] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_item_rows_of_raw_keys_are_the_preprocessings(watch_run):
+    _, _, base = watch_run
+    export = os.path.join(base, "runs", "w1", "export")
+    items = load_table(os.path.join(export, "item"))
+    spec = TableSpec("item", "vocabulary", ("item",), len(items.keys), items.dim, items.real_rows, 1)
+    serving = recommender.Serving(BagOfHistory(len(items.keys), items.dim, 3), spec, items.keys, max_history=3)
+    unseen = ["never seen 1", "never seen 2", "never seen 3"]
+    rows = serving.rows(tf.constant([[items.keys[0], "", items.keys[-1], *unseen]])).numpy()[0]
+    assert rows[:3].tolist() == [0, -1, len(items.keys) - 1]  # a key, padding, "<OOV 0>" (its own row)
+    # what tf.Transform's vocabulary lookup does with keys outside the vocabulary
+    vocabulary = items.keys[: items.real_rows]
+    tft_like = tf.lookup.StaticVocabularyTable(
+        tf.lookup.KeyValueTensorInitializer(vocabulary, tf.range(len(vocabulary), dtype=tf.int64)),
+        num_oov_buckets=len(items.keys) - items.real_rows,
+    )
+    assert rows[3:].tolist() == tft_like.lookup(tf.constant(unseen)).numpy().tolist()
+
+
+def test_history_windows_keep_the_newest_items_right_aligned():
+    model = BagOfHistory(items=5, item_dim=2, max_history=3)
+    serving = recommender.Serving(
+        model, TableSpec("item", "vocabulary", ("item",), rows=5, dim=2, vocabulary_size=4, oov_rows=1),
+        ["a", "b", "c", "d", "<OOV 0>"], max_history=3,
+    )  # fmt: skip
+    rows = tf.constant([[0, -1, 1, 2, 3], [-1, -1, -1, -1, 2], [-1, -1, -1, -1, -1]], tf.int64)
+    assert serving.history(rows).numpy().tolist() == [[1, 2, 3], [-1, -1, 2], [-1, -1, -1]]
+
+
+def test_more_like_this_scores_the_item_tables_own_neighbours(watch_run):
+    _, manifest, _ = watch_run
+    like = manifest["train"]["more_like_this"]
+    assert like["users"] == 500
+    for model in ("two_tower", "bag_of_history"):
+        assert 0 <= like[model]["hit_rate@10"] <= like[model]["hit_rate@20"] <= 1
+    # planted genres: an item's neighbours share its genre, and so does a user's next item
+    assert max(like[m]["hit_rate@20"] for m in ("two_tower", "bag_of_history")) > 2 * 20 / 300, like
+
+
+def test_the_recommender_serves_a_new_history_through_tensorflow_alone(watch_run, tmp_path):
+    _, _, base = watch_run
+    saved_model = os.path.join(base, "runs", "w1", "export", "recommender", "saved_model")
+    items = load_table(os.path.join(base, "runs", "w1", "export", "item"))
+    history = [items.keys[3], items.keys[7], "a key the run never saw"]
+    code = (
+        "import json, sys\n"
+        "import tensorflow as tf\n"
+        "served = tf.saved_model.load(sys.argv[1])\n"
+        "out = served.signatures['recommend'](item_keys=tf.constant([json.loads(sys.argv[2])]), k=tf.constant(5))\n"
+        "ours = sorted({m.split('.')[0] for m in sys.modules} & {'trainer', 'schemas', 'pipeline', 'embedpipe'})\n"
+        "print(json.dumps({'items': [k.decode() for k in out['items'].numpy()[0]], 'project': ours}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code, saved_model, json.dumps(history)],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["project"] == []  # nothing of the project was imported: the SavedModel alone
+    in_process = recommender.Recommender(os.path.join(base, "runs", "w1", "export")).recommend([history], k=5)[0]
+    assert result["items"] == [key for key, _ in in_process] and not set(result["items"]) & set(history)

@@ -1,4 +1,6 @@
-"""Neighbours, recommendations and clusters over exported tables."""
+"""Neighbours, recommendations and clusters over exported tables, exact and approximate."""
+
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -6,7 +8,7 @@ import pytest
 
 from embedpipe import cli
 from schemas.tables import TableSpec
-from trainer import neighbors
+from trainer import ann, neighbors, recommender
 from trainer.export import write_table
 from trainer.tables import load_table
 
@@ -67,9 +69,46 @@ def test_recommend_scores_items_for_a_user(tmp_path, capsys):
     items = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [9.0, 9.0]])
     _write(tmp_path / "export" / "item", "item", items, ["a", "b", "c", "<OOV 0>"])
     _write(tmp_path / "export" / "user", "user", np.array([[0.0, 2.0], [1.0, 1.0]]), ["u1", "<OOV 0>"])
-    best = neighbors.recommend(str(tmp_path / "export"), "u1", k=2)
+    best = recommender.recommend_users(str(tmp_path / "export"), ["u1"], k=2)["u1"]
     assert [k for k, _, _ in best] == ["b", "c"] and best[0][2] == pytest.approx(2.0)
     assert cli.main(["recommend", str(tmp_path / "export"), "u1", "-k", "1"]) == 0
     assert "b" in capsys.readouterr().out
     assert cli.main(["neighbors", str(tmp_path / "export" / "item"), "zzz"]) == 2
     assert capsys.readouterr().err.strip() == "embedpipe: error: table 'item' has no key or label 'zzz'"
+
+
+def test_approximate_neighbours_come_from_an_index_written_beside_the_table(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(20, 16)) * 3
+    vectors = np.concatenate([centres[np.arange(2000) % 20] + rng.normal(size=(2000, 16)), np.ones((1, 16))])
+    keys = [f"k{i}" for i in range(2000)] + ["<OOV 0>"]
+    table = load_table(_write(tmp_path / "item", "item", vectors, keys))
+    index = ann.HnswIndex.load_or_build(table, "cosine", ann.HnswParams(m=16, ef_construction=100, ef_search=64))
+    info = json.load(open(tmp_path / "item" / "hnsw-cosine.faiss.json"))
+    assert info["rows"] == 2000 and info["m"] == 16 and info["metric"] == "cosine"  # OOV rows left out
+    assert info["recall@20"] >= 0.9 and info["vectors_sha256"] == table.manifest["files"]["vectors"]["sha256"]
+    approximate = neighbors.write_all_neighbors(table, 10, str(tmp_path / "approximate.parquet"), index=index)
+    exact = neighbors.write_all_neighbors(table, 10, str(tmp_path / "exact.parquet"))
+    assert approximate["approximate"] and not exact["approximate"]
+    found = pq.read_table(approximate["path"]).to_pydict()
+    truth = pq.read_table(exact["path"]).to_pydict()
+    assert found["key"] == truth["key"]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found["neighbors"], truth["neighbors"])])
+    assert overlap >= 0.9, overlap
+    assert all(key not in row for key, row in zip(found["key"], found["neighbors"]))  # never itself
+    assert all(s == sorted(s, reverse=True) for s in found["scores"])
+    # the CLI finds the index already there (same vectors, same parameters) and says approximate
+    assert cli.main(["neighbors", str(tmp_path / "item"), "--all", "-k", "5", "--approximate"]) == 0
+    assert "(approximate, " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["neighbors", str(tmp_path / "item"), "k1", "--approximate"])
+    assert exited.value.code == 2 and "--approximate goes with --all" in capsys.readouterr().err
+
+
+def test_an_index_of_other_vectors_is_rebuilt(tmp_path):
+    vectors = np.random.default_rng(2).normal(size=(300, 8))
+    keys = [f"k{i}" for i in range(299)] + ["<OOV 0>"]
+    first = ann.HnswIndex.load_or_build(load_table(_write(tmp_path / "item", "item", vectors, keys)), "dot")
+    again = ann.HnswIndex.load_or_build(load_table(_write(tmp_path / "item", "item", vectors + 1, keys)), "dot")
+    assert first.info["vectors_sha256"] != again.info["vectors_sha256"]
+    assert json.load(open(tmp_path / "item" / "hnsw-dot.faiss.json"))["vectors_sha256"] == again.info["vectors_sha256"]

@@ -22,12 +22,15 @@ Each table's directory (`schemas.layout.table_dir`: `<run>/export/<table>/`) hol
 * `manifest.json` — table name, kind, columns, rows, dim, the source run, how to load the
   checkpoint (`checkpoint.prefix`, `checkpoint.tensor_name`), and a sha256 per file.
 
+A collaborative export also has `user` (every model's user vectors, from the full histories)
+and `recommender/` (histories, a SavedModel with `query` and `recommend` from raw item keys):
+see `trainer.recommender`.
+
 `trainer.tables.load_table` reads a table back and checks it against its manifest.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -47,7 +50,7 @@ from schemas import layout
 from schemas.config import CollaborativeConfig, Config, InputError
 from schemas.manifest import read_manifest, update_manifest
 from schemas.tables import TableSpec, table_keys, table_specs
-from trainer import formats
+from trainer import formats, recommender, retrieval, sequences
 from trainer.model import embedding_layer_name
 from trainer.tables import FILES, escape_key, sha256_file
 
@@ -56,7 +59,8 @@ PROJECTOR_MAX_ROWS = 100_000  # what the Embedding Projector handles comfortably
 
 
 def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
-    """Writes every table of the run's trained model (of a collaborative run: the best model's).
+    """Writes every table of the run's trained model (of a collaborative run: the best model's,
+    with its user vectors and recommender).
 
     Args:
         config: the run's config.
@@ -73,7 +77,8 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
     tft_output = tft.TFTransformOutput(layout.transform_dir(output_dir))
     id_counts = layout.read_id_counts(output_dir)
     run = read_manifest(output_dir)
-    trained, model_path = _trained_tables(config, output_dir, run)
+    specs = {spec.name: spec for spec in table_specs(config, tft_output)}
+    trained, model_path, model = _trained_tables(config, output_dir, run, specs, tft_output)
     source = {
         "output_dir": os.path.abspath(output_dir) if "://" not in output_dir else output_dir,
         "config": run.get("preprocess", {}).get("config", {}),
@@ -81,9 +86,7 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
     }
     labels = _item_labels(config) if isinstance(config, CollaborativeConfig) else {}
     tables = {}
-    for spec in table_specs(config, tft_output):
-        if spec.name not in trained:
-            continue  # e.g. no user table in a bag-of-history model
+    for spec in specs.values():
         vectors = trained[spec.name].astype(np.float32)
         keys = table_keys(spec, tft_output)
         if vectors.shape != (spec.rows, spec.dim) or len(keys) != spec.rows:
@@ -97,25 +100,47 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
         table_labels = [labels.get(k, "") for k in keys] if labels and spec.name == "item" else None
         tables[spec.name] = write_table(path, spec, keys, vectors, frequency, source, table_labels)
         _LOG.info("export: %s %dx%d -> %s", spec.name, spec.rows, spec.dim, path)
+    extra = {}
+    if isinstance(config, CollaborativeConfig):
+        item = specs[config.item.name]
+        extra["recommender"] = recommender.write_recommender(
+            layout.export_dir(output_dir), model, run["train"]["best_model"], item, table_keys(item, tft_output),
+            config.max_history,
+        )  # fmt: skip
+        _LOG.info("export: recommender (%s) -> %s", extra["recommender"]["model"], layout.export_dir(output_dir))
     elapsed = time.time() - started
-    section = {"dir": layout.export_dir(output_dir), "tables": tables, "timings_s": {"export": round(elapsed, 2)}}
+    section = {
+        "dir": layout.export_dir(output_dir),
+        "tables": tables,
+        **extra,
+        "timings_s": {"export": round(elapsed, 2)},
+    }
     update_manifest(output_dir, "export", section)
     return section
 
 
-def _trained_tables(config, output_dir: str, run: dict) -> tuple[dict[str, np.ndarray], str]:
-    """{table name: matrix} of the trained model (the best one of a collaborative run)."""
+def _trained_tables(config, output_dir: str, run: dict, specs: dict, tft_output) -> tuple[dict, str, object]:
+    """({table name: matrix}, model path, model) of the trained model (the best one of a
+    collaborative run, whose user table is computed here: `trainer.recommender.user_vectors`)."""
     if isinstance(config, CollaborativeConfig):
         best = run.get("train", {}).get("best_model")
         if best is None:
             raise FileNotFoundError(f"{output_dir}: no trained collaborative model; run `embedpipe train` first")
         path = layout.retrieval_tables_path(output_dir, best)
-        with tf.io.gfile.GFile(path, "rb") as f:
-            with np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
-                return {name: npz[name] for name in npz.files}, path
+        users, items = specs[config.user.name], specs[config.item.name]
+        model = retrieval.load_model(path, best, users, items, config.max_history)
+        histories = sequences.user_histories(
+            layout.examples_pattern(output_dir, layout.TRAIN), layout.examples_pattern(output_dir, layout.EVAL),
+            users=users.rows,
+        )  # fmt: skip
+        vectors = recommender.user_vectors(
+            model, histories, users, table_keys(users, tft_output), table_keys(items, tft_output), config.max_history,
+            layout.histories_path(layout.export_dir(output_dir)),
+        )  # fmt: skip
+        return {config.user.name: vectors, config.item.name: model.tables()["item"]}, path, model
     path = layout.keras_model_path(layout.model_dir(output_dir))
     model = keras.models.load_model(path)
-    return {name: model.get_layer(embedding_layer_name(name)).get_weights()[0] for name in config.tables}, path
+    return {name: model.get_layer(embedding_layer_name(name)).get_weights()[0] for name in config.tables}, path, model
 
 
 def _item_labels(config: CollaborativeConfig) -> dict[str, str]:

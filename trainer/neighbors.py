@@ -1,9 +1,8 @@
-"""Nearest neighbours, recommendations and clusters over exported tables (`embedpipe neighbors`,
-`recommend` and `clusters` are their command lines, in `embedpipe.commands`).
+"""Nearest neighbours and clusters over exported tables (`embedpipe neighbors` and `clusters` are
+their command lines, in `embedpipe.commands`; recommendations are `trainer.recommender`'s).
 
     embedpipe neighbors EXPORT/item "Toy Story (1995)" -k 10     # by key or by label (title)
     embedpipe neighbors EXPORT/item --all -k 20                   # EXPORT/item/neighbors.parquet
-    embedpipe recommend EXPORT u000123 -k 10                      # user table . item table
     embedpipe clusters EXPORT/item -k 50                          # EXPORT/item/clusters.parquet
 
 Similarity is cosine; OOV rows are never returned. `--all` and `clusters` work in blocks of
@@ -14,7 +13,6 @@ rows and more (time is what grows: all-pairs is rows^2 x dim multiply-adds).
 from __future__ import annotations
 
 import logging
-import os
 import time
 
 import numpy as np
@@ -22,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from trainer.tables import EmbeddingTable, UnknownKeyError, load_table
+from schemas.progress import Progress
+from trainer.tables import EmbeddingTable, UnknownKeyError
 
 _LOG = logging.getLogger(__name__)
 BLOCK_BYTES = 256 * 2**20
@@ -76,59 +75,77 @@ class NeighborIndex:
         return self.top_k(self.unit @ self.unit[row], k, exclude=row)
 
 
-def recommend(export_dir: str, user: str, k: int = 10) -> list[tuple[str, str, float]]:
-    """Top-k items for a user of a two-tower export, by the model's own score u . v."""
-    return recommend_users(export_dir, [user], k)[user]
+def write_all_neighbors(table: EmbeddingTable, k: int, path: str, index=None) -> dict:
+    """Top-k neighbours of every row -> Parquet (key, neighbors list<string>, scores list<float32>).
 
-
-def recommend_users(export_dir: str, users: list[str], k: int = 10) -> dict[str, list[tuple[str, str, float]]]:
-    """Top-k items for each of `users` of a two-tower export, the tables loaded once.
+    Args:
+        table: the table.
+        k: neighbours per row.
+        path: the Parquet file.
+        index: an approximate index of the table's unit rows (`trainer.ann.HnswIndex`, metric
+            cosine), or None for the exact search.
 
     Returns:
-        {user: [(item key, item label, score), ...]}, best first.
-
-    Raises:
-        UnknownKeyError: a user is not in the user table.
+        {"path", "rows", "k", "seconds", "approximate"}.
     """
-    user_table = load_table(os.path.join(export_dir, "user"))
-    items = load_table(os.path.join(export_dir, "item"))
-    index = NeighborIndex(items)
-    real = items.vectors[: items.real_rows]
-    return {user: index.top_k(real @ user_table.vector(user), k) for user in users}
-
-
-def write_all_neighbors(table: EmbeddingTable, k: int, path: str) -> dict:
-    """Top-k neighbours of every row -> Parquet (key, neighbors list<string>, scores list<float32>)."""
-    index = NeighborIndex(table)
-    n = len(index.unit)
+    neighbours = NeighborIndex(table)
+    n = len(neighbours.unit)
     k = min(k, n - 1)
     block = max(1, min(n, BLOCK_BYTES // (4 * n)))
+    if index is not None:
+        block = 4096
     keys = np.array(table.keys[:n], dtype=object)
     schema = pa.schema([("key", pa.string()), ("neighbors", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))])
     started = time.time()
-    unit = tf.constant(index.unit)
+    unit = tf.constant(neighbours.unit)
+    progress = Progress(_LOG, "neighbors --all", total=n, unit="rows")
     with pq.ParquetWriter(path, schema) as writer:
         for start in range(0, n, block):
             rows = np.arange(start, min(start + block, n))
-            # TensorFlow's matmul + top_k: ~5x faster than numpy's argpartition over each row.
-            sims = tf.matmul(unit[start : start + len(rows)], unit, transpose_b=True)
-            diagonal = tf.stack([tf.range(len(rows)), tf.constant(rows, tf.int32)], axis=1)
-            sims = tf.tensor_scatter_nd_update(sims, diagonal, tf.fill([len(rows)], -np.inf))  # not itself
-            scores, top = tf.math.top_k(sims, k)
-            scores, top = scores.numpy(), top.numpy()
+            if index is not None:
+                scores, top = _approximate(index, neighbours.unit, rows, k)
+            else:
+                # TensorFlow's matmul + top_k: ~5x faster than numpy's argpartition over each row.
+                sims = tf.matmul(unit[start : start + len(rows)], unit, transpose_b=True)
+                diagonal = tf.stack([tf.range(len(rows)), tf.constant(rows, tf.int32)], axis=1)
+                sims = tf.tensor_scatter_nd_update(sims, diagonal, tf.fill([len(rows)], -np.inf))  # not itself
+                scores, top = (x.numpy() for x in tf.math.top_k(sims, k))
             writer.write_table(
                 pa.table(
                     {
                         "key": pa.array(keys[rows].tolist(), pa.string()),
                         "neighbors": pa.array([keys[t].tolist() for t in top], pa.list_(pa.string())),
-                        "scores": pa.array(list(scores), pa.list_(pa.float32())),
+                        "scores": pa.array(list(scores.astype(np.float32)), pa.list_(pa.float32())),
                     },
                     schema=schema,
                 )
             )
-            if (start // block) % 200 == 0:
-                _LOG.info("neighbors: %d/%d rows (%.0fs)", start + len(rows), n, time.time() - started)
-    return {"path": path, "rows": n, "k": k, "seconds": round(time.time() - started, 1)}
+            progress.add(len(rows))
+    progress.done()
+    return {
+        "path": path,
+        "rows": n,
+        "k": k,
+        "seconds": round(time.time() - started, 1),
+        "approximate": index is not None,
+    }
+
+
+def _approximate(index, unit: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) [len(rows), k] of each row's k approximate neighbours, itself left out
+    (searched k + 1; the row itself, or else the last, dropped); a row the index returns too
+    few neighbours for gets the exact ones."""
+    scores, top = index.search(unit[rows], k + 1)
+    itself = top == rows[:, None]
+    order = np.argsort(itself, axis=1, kind="stable")[:, :k]  # itself to the end, then cut
+    scores, top = np.take_along_axis(scores, order, 1), np.take_along_axis(top, order, 1)
+    short = np.flatnonzero((top < 0).any(axis=1))
+    if len(short):
+        sims = unit[rows[short]] @ unit.T
+        sims[np.arange(len(short)), rows[short]] = -np.inf
+        top[short] = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        scores[short] = np.take_along_axis(sims, top[short], 1)
+    return scores, top
 
 
 def kmeans(unit: np.ndarray, k: int, iterations: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

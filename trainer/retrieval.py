@@ -10,9 +10,16 @@ Models (`training.models` of a collaborative config):
   table. The weights depend only on an item's position from the end of the history (newest
   first) and are learned: they start equal (a plain mean) and learn how much recent items
   matter more (on MovieLens they fall ~15x over the last 10 items; on histories without
-  temporal structure they stay flat). They are in the manifest as `history_weights`.
+  temporal structure they stay flat). They are in the manifest as `history_weights`;
+* `self_attention` (opt-in): the newest item of a history attends over the last `max_history`
+  items (item content plus a learned position embedding and bias); one attention step and a
+  small feed-forward layer, starting as a plain mean (`SelfAttention`).
 
-Both train with an in-batch softmax over the batch's target items, corrected for candidate
+Every model has `query(user, history)` (what it is trained and evaluated with) and
+`history_query(history)` (a vector for a history alone: the export's user vectors and the
+recommender's SavedModel, `trainer.recommender`).
+
+All train with an in-batch softmax over the batch's target items, corrected for candidate
 popularity (logQ: the log of each item's share of training interactions is subtracted from its
 logit) and with accidental hits (the same item twice in a batch) masked. Tables are
 `trainer.sparse.SparseEmbedding`s updated by `SparseAwareOptimizer` (lazy Adam: only the rows
@@ -29,11 +36,12 @@ epochs without a better validation metric and keeps its best epoch's tables, and
 the best validation metric is the one exported. Then every model, and a popularity ranking, is
 scored on the test holdout: *all* items of the vocabulary (not the OOV rows) ranked for every
 user with a holdout (or a sample of `evaluation.users`), the user's training items excluded,
-Recall@K and NDCG@K (`trainer.ranking`).
+Recall@K and NDCG@K (`trainer.ranking`); and each item table's "more like this" hit rate (the
+next item among the nearest neighbours of the user's newest one).
 
-Writes each model's `tables.npz` (float32 matrices, no pickle;
-`schemas.layout.retrieval_tables_path`) and the `train` section of the manifest; `trainer.export`
-turns the chosen model's tables into exported tables.
+Writes each model's `tables.npz` (its tables and every weight, float32, no pickle: `save_model`,
+`load_model`; `schemas.layout.retrieval_tables_path`) and the `train` section of the manifest;
+`trainer.export` turns the chosen model into exported tables and the recommender.
 """
 
 from __future__ import annotations
@@ -94,6 +102,18 @@ class TwoTower(keras.Model):
         """
         return self.user_table(user)
 
+    def history_query(self, history: tf.Tensor) -> tf.Tensor:
+        """A vector for a history alone (a user the user table does not have): the plain mean of
+        its item vectors, the cold-start query of a two-tower model.
+
+        Args:
+            history: int64 [batch, H], right-aligned item rows, -1 where there is none.
+
+        Returns:
+            float32 [batch, dim]; zeros for an empty history.
+        """
+        return _pool(self.item_table, history, tf.zeros([tf.shape(history)[1]]))
+
     def tables(self) -> dict[str, np.ndarray]:
         """The learned matrices: {"user": [users, dim], "item": [items, dim]}, float32."""
         return {"user": _weights(self.user_table), "item": _weights(self.item_table)}
@@ -128,16 +148,11 @@ class BagOfHistory(keras.Model):
             float32 [batch, dim]; zeros for an empty history.
         """
         history = tf.convert_to_tensor(history)
-        batch, width = tf.shape(history)[0], tf.shape(history)[1]
-        valid = history >= 0
-        # column j is position width-1-j from the end; a dense gradient, so Adam (not the sparse path)
-        by_column = tf.exp(tf.reverse(self.recency[:width], [0]))
-        weights = tf.boolean_mask(tf.broadcast_to(by_column[None, :], tf.shape(history)), valid)
-        segments = tf.boolean_mask(tf.broadcast_to(tf.range(batch)[:, None], tf.shape(history)), valid)
-        vectors = self.item_table(tf.boolean_mask(history, valid))  # only real items: no padding row is touched
-        pooled = tf.math.unsorted_segment_sum(vectors * weights[:, None], segments, batch)
-        total = tf.math.unsorted_segment_sum(weights, segments, batch)
-        return pooled / tf.maximum(total, 1e-9)[:, None]  # an empty history gives a zero query
+        return _pool(self.item_table, history, self.recency[: tf.shape(history)[1]])
+
+    def history_query(self, history: tf.Tensor) -> tf.Tensor:
+        """The query of a history (`query` without a user): the same vector."""
+        return self.query(None, history)
 
     def history_weights(self) -> list[float]:
         """Relative weight of each position from the end (newest first), the newest scaled to 1."""
@@ -147,6 +162,96 @@ class BagOfHistory(keras.Model):
     def tables(self) -> dict[str, np.ndarray]:
         """The learned matrix: {"item": [items, dim]}, float32."""
         return {"item": _weights(self.item_table)}
+
+
+class SelfAttention(keras.Model):
+    """Sequence-aware: the newest item of a history attends over the last `max_history` items.
+
+    query = a + W2 relu(W1 a), a = sum_j softmax_j(q . k_j / sqrt(d) + r_j) v_j, with
+    q = Wq x_newest, k_j = Wk (x_j + p_j), v_j = Wv x_j, x the item vectors, p_j and r_j a
+    learned embedding and a learned bias of the position j from the end (newest first).
+    It starts as a plain mean (Wq = 0, Wv = I, W2 = 0, r = 0) — the bag of history — and learns
+    how much which earlier items matter given the newest one (order and content), one attention
+    step per pair (the only output used is the newest position's, so no causal mask is needed).
+
+    Args:
+        items: item table rows (vocabulary plus OOV rows).
+        item_dim: the item dimension d.
+        max_history: H, positions with their own embedding and bias.
+    """
+
+    def __init__(self, items: int, item_dim: int, max_history: int):
+        super().__init__()
+        d = item_dim
+        self.item_table = SparseEmbedding(items, d, embeddings_initializer=_init(d), name="item_embedding")
+        self.position = self.add_weight(shape=(max_history, d), initializer="zeros", name="position_embedding")
+        self.recency = self.add_weight(shape=(max_history,), initializer="zeros", name="recency_logits")
+        self.wq = self.add_weight(shape=(d, d), initializer="zeros", name="query_kernel")
+        self.wk = self.add_weight(shape=(d, d), initializer="identity", name="key_kernel")
+        self.wv = self.add_weight(shape=(d, d), initializer="identity", name="value_kernel")
+        self.w1 = self.add_weight(shape=(d, 2 * d), initializer="glorot_uniform", name="ffn_kernel_1")
+        self.w2 = self.add_weight(shape=(2 * d, d), initializer="zeros", name="ffn_kernel_2")
+
+    def query(self, user, history: tf.Tensor):
+        """The attention read-out of each history at its newest item.
+
+        Args:
+            user: unused.
+            history: int64 [batch, H] (H <= max_history), right-aligned item rows (the last
+                column is the newest), -1 where there is none.
+
+        Returns:
+            float32 [batch, dim]; zeros for an empty history.
+        """
+        history = tf.convert_to_tensor(history)
+        width = tf.shape(history)[1]
+        valid = history >= 0
+        where = tf.where(valid)
+        # only real items are looked up: no padding row is touched (sparse updates stay sparse)
+        shape = tf.concat([tf.shape(history, out_type=tf.int64), [self.position.shape[1]]], 0)
+        x = tf.scatter_nd(where, self.item_table(tf.gather_nd(history, where)), shape)
+        by_column = tf.reverse(self.position[:width], [0])  # column j is position width-1-j from the end
+        bias = tf.reverse(self.recency[:width], [0])
+        q = x[:, -1, :] @ self.wq  # [B, d]; the newest column (zeros for an empty history)
+        k = tf.einsum("bwd,de->bwe", x + by_column[None], self.wk)
+        v = tf.einsum("bwd,de->bwe", x, self.wv)
+        logits = tf.einsum("bd,bwd->bw", q, k) * tf.math.rsqrt(tf.cast(tf.shape(q)[1], tf.float32)) + bias[None]
+        logits = tf.where(valid, logits, -1e9)
+        attention = tf.nn.softmax(logits) * tf.cast(valid, tf.float32)  # an empty row: all zeros
+        a = tf.einsum("bw,bwd->bd", attention, v)
+        return a + tf.nn.relu(a @ self.w1) @ self.w2
+
+    def history_query(self, history: tf.Tensor) -> tf.Tensor:
+        """The query of a history (`query` without a user): the same vector."""
+        return self.query(None, history)
+
+    def tables(self) -> dict[str, np.ndarray]:
+        """The learned matrix: {"item": [items, dim]}, float32."""
+        return {"item": _weights(self.item_table)}
+
+
+def _pool(table, history: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
+    """The weighted mean of each history's item vectors, weight exp(log_weights[p]) at position
+    p from the end (0 = newest).
+
+    Args:
+        table: the item `SparseEmbedding`.
+        history: int64 [batch, H], right-aligned, -1 where there is none.
+        log_weights: float32 [H].
+
+    Returns:
+        float32 [batch, dim]; zeros for an empty history.
+    """
+    batch = tf.shape(history)[0]
+    valid = history >= 0
+    # column j is position H-1-j from the end; a dense gradient, so Adam (not the sparse path)
+    by_column = tf.exp(tf.reverse(log_weights, [0]))
+    weights = tf.boolean_mask(tf.broadcast_to(by_column[None, :], tf.shape(history)), valid)
+    segments = tf.boolean_mask(tf.broadcast_to(tf.range(batch)[:, None], tf.shape(history)), valid)
+    vectors = table(tf.boolean_mask(history, valid))  # only real items: no padding row is touched
+    pooled = tf.math.unsorted_segment_sum(vectors * weights[:, None], segments, batch)
+    total = tf.math.unsorted_segment_sum(weights, segments, batch)
+    return pooled / tf.maximum(total, 1e-9)[:, None]  # an empty history gives a zero query
 
 
 def _init(dim: int) -> keras.initializers.Initializer:
@@ -160,10 +265,36 @@ def _weights(layer) -> np.ndarray:
 
 
 def build(name: str, users: TableSpec, items: TableSpec, max_history: int) -> keras.Model:
-    """The model `name` of `training.models` for tables of these sizes."""
+    """The model `name` of `training.models` for tables of these sizes, its weights created."""
     if name == "two_tower":
-        return TwoTower(users.rows, items.rows, users.dim, items.dim)
-    return BagOfHistory(items.rows, items.dim, max_history)
+        model = TwoTower(users.rows, items.rows, users.dim, items.dim)
+    elif name == "self_attention":
+        model = SelfAttention(items.rows, items.dim, max_history)
+    else:
+        model = BagOfHistory(items.rows, items.dim, max_history)
+    model.query(tf.zeros([1], tf.int64), tf.fill([1, 1], tf.constant(-1, tf.int64)))  # creates every weight
+    model.item_table(tf.zeros([1], tf.int64))
+    return model
+
+
+def save_model(model: keras.Model, path: str) -> None:
+    """Writes a model's tables and every weight to one `.npz` (float32 matrices, no pickle):
+    `item` (and `user`) for the export, `weight_<i>` in `get_weights()` order for `load_model`."""
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    buffer = io.BytesIO()
+    np.savez(buffer, **model.tables(), **{f"weight_{i}": w for i, w in enumerate(model.get_weights())})
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
+def load_model(path: str, name: str, users: TableSpec, items: TableSpec, max_history: int) -> keras.Model:
+    """The model `save_model` wrote to `path` (`build`'s arguments as when it was trained)."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        with np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
+            weights = [npz[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in npz.files))]
+    model = build(name, users, items, max_history)
+    model.set_weights(weights)
+    return model
 
 
 def in_batch_softmax_loss(query, candidates, targets, log_q, weights, valid=None):
@@ -287,7 +418,7 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
         "best_epoch": 1-based, "examples_per_s": training pairs per second of the epochs}.
     """
     t, headline = data.config.training, data.config.evaluation.headline
-    needs_history = isinstance(model, BagOfHistory)
+    needs_history = not isinstance(model, TwoTower)
     # XLA fuses the [batch, batch] logits' element-wise work (~1.7x faster than without)
     loss_fn = tf.function(in_batch_softmax_loss, jit_compile=True)
     # Tables go row-wise through lazy Adam; the few dense weights (history recency) through Adam.
@@ -366,8 +497,14 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
 
 
 def evaluate(
-    models: dict, blocks: tf.data.Dataset, data: Data, *, what: str, popularity: bool = False
-) -> tuple[dict, int]:
+    models: dict,
+    blocks: tf.data.Dataset,
+    data: Data,
+    *,
+    what: str,
+    popularity: bool = False,
+    more_like_this: bool = False,
+) -> tuple[dict, int] | tuple[dict, int, dict]:
     """Recall@K and NDCG@K of each model's ranking of every vocabulary item, seen items excluded.
 
     Args:
@@ -376,15 +513,25 @@ def evaluate(
         data: the run's data (the item vocabulary, the popularity counts).
         what: for the progress lines.
         popularity: also rank by training popularity (as "popularity").
+        more_like_this: also score item-to-item use of each item table: the hit rate@K of a
+            user's first held-out item among the K nearest items (cosine) of their newest
+            training item, the item itself excluded; users without a training item are skipped.
 
     Returns:
-        ({name: {"recall@K": ..., "ndcg@K": ...}}, plus "popularity" when asked; users scored).
+        ({name: {"recall@K": ..., "ndcg@K": ...}}, plus "popularity" when asked; users scored),
+        and with `more_like_this` a third item: {name: {"hit_rate@K": ...}, "users": n}.
     """
     vocab, ks = data.items.vocabulary_size, data.config.evaluation.k
     rankers = {name: TopK(_weights(m.item_table)[:vocab]) for name, m in models.items()}
     if popularity:
         rankers["popularity"] = PopularityTopK(data.item_counts[:vocab])
     metrics = {name: RankingMetrics(ks) for name in rankers}
+    neighbours, hits = {}, {}
+    if more_like_this:
+        for name, m in models.items():
+            table = _weights(m.item_table)[:vocab]
+            unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+            neighbours[name], hits[name] = (TopK(unit), unit), RankingMetrics(ks)
     progress = Progress(_LOG, what, unit="users")
     for block in blocks:
         for name, ranker in rankers.items():
@@ -394,9 +541,24 @@ def evaluate(
                 query = models[name].query(block["user"], block["history"])
             top, _ = ranker(query, block["seen"], max(ks))
             metrics[name].add(top, block["targets"])
+        if neighbours:
+            newest = block["history"][:, -1].numpy()
+            has = (newest >= 0) & (newest < vocab) & (block["targets"].row_lengths().numpy() > 0)
+            if has.any():
+                items = newest[has]
+                first = tf.ragged.boolean_mask(block["targets"], has)[:, :1]
+                itself = tf.RaggedTensor.from_row_lengths(items, np.ones(len(items), np.int64))
+                for name, (ranker, unit) in neighbours.items():
+                    top, _ = ranker(unit[items], itself, max(ks))
+                    hits[name].add(top, first)
         progress.add(int(block["user"].shape[0]))
     progress.done()
-    return {name: m.result() for name, m in metrics.items()}, progress.count
+    results = {name: m.result() for name, m in metrics.items()}
+    if not more_like_this:
+        return results, progress.count
+    like = {name: {f"hit_rate@{k}": m.result()[f"recall@{k}"] for k in ks} for name, m in hits.items()}
+    like["users"] = next(iter(hits.values())).users if hits else 0
+    return results, progress.count, like
 
 
 def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = None) -> dict:
@@ -436,20 +598,19 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
             model = build(name, data.users, data.items, config.max_history)
             _warm_start(model, config, specs, tft_output)
             fit(model, name, data, epochs=fits[name]["best_epoch"], validate=False)
-        if isinstance(model, BagOfHistory):
+        if hasattr(model, "history_weights"):
             history_weights[name] = model.history_weights()
             _LOG.info("%s: history weights, newest first: %s ...", name, history_weights[name][:10])
-        path = layout.retrieval_tables_path(output_dir, name)
-        tf.io.gfile.makedirs(os.path.dirname(path))
-        buffer = io.BytesIO()
-        np.savez(buffer, **model.tables())
-        with tf.io.gfile.GFile(path, "wb") as f:
-            f.write(buffer.getvalue())
+        save_model(model, layout.retrieval_tables_path(output_dir, name))
         models[name] = model
     eval_started = time.time()
-    results, evaluated = evaluate(models, data.eval_blocks(), data, what="evaluation (test holdout)", popularity=True)
+    results, evaluated, like = evaluate(
+        models, data.eval_blocks(), data, what="evaluation (test holdout)", popularity=True, more_like_this=True
+    )
     for name, metrics in results.items():
         _LOG.info("eval %s: %s", name, _fmt(metrics))
+    for name in models:
+        _LOG.info("more like this, %s item table: %s", name, _fmt(like[name]))
     headline = ev.headline
     validated = {name: f["validation"][f["best_epoch"] - 1] for name, f in fits.items() if f["validation"]}
     # Chosen on the validation slice; without one (validation_users: 0), the first model.
@@ -462,6 +623,7 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         "refit": bool(t.refit and validated),
         "eval_metrics": results,
         "validation_metrics": validated,
+        "more_like_this": like,
         "headline_metric": {"name": headline, "value": results[best][headline], "model": best},
         "epoch_losses": {name: f["losses"] for name, f in fits.items()},
         "validation_curves": {name: [m[headline] for m in f["validation"]] for name, f in fits.items()},

@@ -11,6 +11,7 @@ The records are those of `pipeline.collaborative` (`schemas.features.transformed
 * `validation_blocks`: for the validation users, the last `validation_holdout` training items of
   their (last) train record as targets, the items before them as history and seen set.
 * `eval_blocks`: the eval records (held-out targets), optionally a deterministic sample of users.
+* `user_histories`: every user's whole history (held-out items included), for the export.
 
 Shapes: a pair batch is {"user": int64 [B], "history": int64 [B, H], "target": int64 [B],
 "weight": float32 [B], "has_history": bool [B], "valid": bool [B] (False: padding, in the last
@@ -20,8 +21,10 @@ batch of a pool)}; a block is {"user": int64 [b], "history": int64
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 
 from schemas.features import WEIGHTS, transformed_sequence_spec
@@ -243,3 +246,32 @@ def validation_blocks(pattern: str, *, history: int, block_users: int, validatio
 
     records = _selected_users(pattern, select, block_users)
     return records.map(block, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def user_histories(train_pattern: str, eval_pattern: str, *, users: int) -> Iterator[dict]:
+    """Every user's full history, training items then held-out ones, oldest first, in blocks.
+
+    A user with an eval record gets its items (the newest `MAX_RECORD_ITEMS` training items of
+    `pipeline.collaborative`) followed by its held-out targets; a user without one (no more
+    interactions than the holdout) gets its last train record's items.
+
+    Args:
+        train_pattern, eval_pattern: the splits' shards.
+        users: rows of the user table (every record's `user` is below it).
+
+    Yields:
+        {"user": int64 [b], "items": int64 ragged [b, (n)]}; OOV user rows may repeat.
+    """
+    evaluated = np.zeros(users, bool)
+    for records in _parsed(eval_pattern):
+        evaluated[records["user"].numpy()] = True
+        yield {"user": records["user"], "items": tf.concat([records["items"], records["targets"]], axis=1)}
+    for records in _parsed(train_pattern):
+        user = records["user"].numpy()
+        keep = (records["last"].numpy() == 1) & ~evaluated[user]
+        yield {"user": records["user"][keep], "items": tf.ragged.boolean_mask(records["items"], keep)}
+
+
+def _parsed(pattern: str) -> Iterator[dict]:
+    records = _records(record_files(pattern), shuffle=False, seed=0).batch(PARSE_RECORDS)
+    yield from records.map(lambda s: _parse(s, weighted=False), num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)

@@ -24,7 +24,13 @@ What it does, for the bundled config of `--dataset`:
    factors, regularization 0.01, alpha 1) are reported as an untuned row. NB: "ALS best" is
    picked on the test split itself, so it is an optimistic (upper-bound) figure for ALS, while
    our models are chosen without looking at it.
-3. reports popularity from our manifest (same split, same ranking).
+3. fits EASE (Steck 2019: the closed-form item-item model B = I - P / diag(P), P = (X^T X +
+   lambda I)^-1, diag(B) = 0) on the same binary train matrix for a small lambda grid, and scores
+   it with user rows that are binary (EASE as published) or recency-weighted (the item at
+   position p from the end of the user's history weighs exp(-p / tau)); every grid point is
+   printed, and "EASE best" is again picked on the test split (optimistic). `--no-ease` skips it
+   (it needs items^2 floats: fine for MovieLens' 9k items, not for 500k).
+4. reports popularity from our manifest (same split, same ranking).
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ GRID = {"factors": (16, 32, 64, 128), "regularization": (0.01, 0.1, 1.0), "alpha
 QUICK_GRID = {"factors": (32, 64), "regularization": (0.1, 1.0), "alpha": (10.0, 40.0)}
 IMPLICIT_DEFAULTS = {"factors": 100, "regularization": 0.01, "alpha": 1.0}
 ALS_ITERATIONS = 15
+EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0, 3000.0)
+EASE_TAUS = (None, 5.0, 20.0, 50.0)  # None: binary user rows
 
 
 def prepare(dataset: str, out: str, reuse: bool):
@@ -176,13 +184,56 @@ def run_als(matrix, data, grid: dict, seed: int) -> tuple[list, dict]:
     return rows + [default], default
 
 
+def fit_ease(matrix, lam: float) -> np.ndarray:
+    """EASE's item-item weights B [items, items] (float32, zero diagonal) for a binary X."""
+    x = (matrix > 0).astype(np.float32)
+    gram = (x.T @ x).toarray()
+    gram[np.diag_indices_from(gram)] += lam
+    p = np.linalg.inv(gram)
+    b = -p / np.diag(p)[None, :]
+    b[np.diag_indices_from(b)] = 0.0
+    return b.astype(np.float32)
+
+
+def ease_rows(block, items: int, tau: float | None) -> np.ndarray:
+    """User rows [b, items] from a block's seen items (time order): 1 per item, or the recency
+    weight exp(-p / tau) of its newest occurrence (p: position from the end)."""
+    seen = block["seen"]
+    flat = seen.flat_values.numpy()
+    owner = seen.value_rowids().numpy()
+    from_end = (np.repeat(seen.row_lengths().numpy(), seen.row_lengths().numpy()) - 1) - (
+        np.arange(len(flat)) - np.repeat(seen.row_starts().numpy(), seen.row_lengths().numpy())
+    )
+    keep = flat < items
+    weight = np.ones(len(flat), np.float32) if tau is None else np.exp(-from_end / tau).astype(np.float32)
+    rows = np.zeros((len(seen.row_lengths()), items), np.float32)
+    np.maximum.at(rows, (owner[keep], flat[keep]), weight[keep])
+    return rows
+
+
+def run_ease(matrix, data, lambdas=EASE_LAMBDAS, taus=EASE_TAUS) -> list:
+    rows = []
+    items = matrix.shape[1]
+    print(f"EASE grid: {len(lambdas)} lambdas x {len(taus)} user-row weightings ({items} items)")
+    for lam in lambdas:
+        started = time.perf_counter()
+        b = fit_ease(matrix, lam)
+        seconds = time.perf_counter() - started
+        for tau in taus:
+            metrics = score(data, lambda block, tau=tau: ease_rows(block, items, tau), b.T)
+            rows.append({"lambda": lam, "tau": tau, "metrics": metrics, "fit_s": seconds})
+            label = "binary" if tau is None else f"recency tau={tau:g}"
+            print(f"  EASE lambda={lam:<6g} {label:<18}  {_fmt(metrics)}  fit {seconds:.1f}s")
+    return rows
+
+
 def _fmt(metrics: dict) -> str:
     return (
         f"R@{HEADLINE_K} {metrics[f'recall@{HEADLINE_K}']:.4f}  NDCG@{HEADLINE_K} {metrics[f'ndcg@{HEADLINE_K}']:.4f}"
     )
 
 
-def report(dataset: str, section: dict, als_rows: list, als_default: dict) -> dict:
+def report(dataset: str, section: dict, als_rows: list, als_default: dict, ease_rows_: list) -> dict:
     r, n = f"recall@{HEADLINE_K}", f"ndcg@{HEADLINE_K}"
     ours = section["eval_metrics"]
     best_als = max(als_rows, key=lambda row: row["metrics"][r])
@@ -194,6 +245,13 @@ def report(dataset: str, section: dict, als_rows: list, als_default: dict) -> di
         (als_label, best_als["metrics"]),
         ("ALS implicit defaults (f=100, reg=0.01, alpha=1)", als_default["metrics"]),
     ]
+    best_ease = {}
+    for weighting in ("binary", "recency"):
+        candidates = [row for row in ease_rows_ if (row["tau"] is None) == (weighting == "binary")]
+        if candidates:
+            best = best_ease[weighting] = max(candidates, key=lambda row: row["metrics"][r])
+            tau = "" if best["tau"] is None else f", tau={best['tau']:g}"
+            table.append((f"EASE {weighting} rows, best on test (lambda={best['lambda']:g}{tau})", best["metrics"]))
     table.append(("popularity", ours["popularity"]))
     width = max(len(name) for name, _ in table)
     print(f"\n== {dataset}: same split, same ranking (all vocabulary items, seen excluded), test holdout ==")
@@ -206,7 +264,7 @@ def report(dataset: str, section: dict, als_rows: list, als_default: dict) -> di
         f"validation (R@20) per model: { {m: round(v[r], 4) for m, v in section['validation_metrics'].items()} }; best epochs {section['best_epochs']}"
     )
     return {"dataset": dataset, "ours": ours, "chosen": chosen, "validation": section["validation_metrics"],
-            "als_best": best_als, "als_default": als_default}  # fmt: skip
+            "als_best": best_als, "als_default": als_default, "ease_best": best_ease, "ease": ease_rows_}  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -217,13 +275,15 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse OUTPUT's preprocessing when its config matches")
     parser.add_argument("--epochs", type=int, help="override the config's (maximum) epochs for our models")
     parser.add_argument("--seed", type=int, default=0, help="ALS seed")
+    parser.add_argument("--no-ease", action="store_true", help="skip EASE (items^2 memory)")
     args = parser.parse_args(argv)
     out = args.output or os.path.join("/tmp/bench", args.dataset)
     config = prepare(args.dataset, out, args.reuse)
     section = run_ours(config, out, args.epochs)
     matrix, data = train_matrix(config, out)
     als_rows, als_default = run_als(matrix, data, QUICK_GRID if args.quick else GRID, args.seed)
-    result = report(args.dataset, section, als_rows, als_default)
+    ease = [] if args.no_ease else run_ease(matrix, data)
+    result = report(args.dataset, section, als_rows, als_default, ease)
     with open(os.path.join(out, "bench_collaborative.json"), "w") as f:
         json.dump(result, f, indent=1, default=float)
 

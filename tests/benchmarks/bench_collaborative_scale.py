@@ -18,7 +18,9 @@ tree every 0.2 s. It reports the wall time, the peak RSS, each stage's time (pre
 evaluate, export: from the run manifest), the Beam job's interactions per second (rows read /
 preprocess seconds), each model's examples per second over its epochs, and the quality figures.
 `--als` also times implicit's ALS (64 factors, 15 iterations, the `bench` extra) on the same
-interactions (user x item counts, all of them). Results go to OUTPUT/results.json as well.
+interactions (user x item counts, all of them); `--recommend` times `embedpipe recommend
+RUN/export --all -k 20`, exact and `--approximate` (the `ann` extra; the index build included),
+each in a fresh process with its peak RSS. Results go to OUTPUT/results.json as well.
 """
 
 from __future__ import annotations
@@ -71,15 +73,9 @@ def make_input(scale: float, output: str) -> tuple[str, str]:
     return written
 
 
-def run_embedpipe(interactions: str, items: str, out: str, epochs: int) -> dict:
-    run_id = "bench"
-    command = [
-        sys.executable, "-m", "embedpipe.cli", "run", "--config", "watchlogs", "--input", interactions,
-        "--item-metadata", items, "--output", out, "--run-id", run_id, "--epochs", str(epochs),
-    ]  # fmt: skip
-    if os.path.exists(os.path.join(out, "runs", run_id)):
-        subprocess.run(["rm", "-rf", os.path.join(out, "runs", run_id), os.path.join(out, "LATEST")], check=True)
-    log_path = out + ".log"
+def measure(command: list[str], log_path: str) -> dict:
+    """Runs `command` in a fresh process, its output to `log_path`, sampling the resident memory
+    of its whole process tree every 0.2 s: {"wall_s", "peak_rss_gib", "peak_at_s", "samples"}."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     peak, samples = [0], []
     started = time.time()
@@ -97,21 +93,41 @@ def run_embedpipe(interactions: str, items: str, out: str, epochs: int) -> dict:
         sampler.start()
         process.wait()
         sampler.join()
-    wall = time.time() - started
     if process.returncode:
-        raise SystemExit(f"embedpipe run failed ({process.returncode}); see {log_path}")
+        raise SystemExit(f"{' '.join(command[2:5])} failed ({process.returncode}); see {log_path}")
+    at = max(samples, key=lambda s: s[1])[0] if samples else 0
+    return {
+        "wall_s": round(time.time() - started, 1),
+        "peak_rss_gib": round(peak[0] / 2**30, 2),
+        "peak_at_s": at,
+        "samples": samples,
+    }
+
+
+def run_embedpipe(interactions: str, items: str, out: str, epochs: int) -> dict:
+    run_id = "bench"
+    command = [
+        sys.executable, "-m", "embedpipe.cli", "run", "--config", "watchlogs", "--input", interactions,
+        "--item-metadata", items, "--output", out, "--run-id", run_id, "--epochs", str(epochs),
+    ]  # fmt: skip
+    if os.path.exists(os.path.join(out, "runs", run_id)):
+        subprocess.run(["rm", "-rf", os.path.join(out, "runs", run_id), os.path.join(out, "LATEST")], check=True)
+    result = measure(command, out + ".log")
     with open(os.path.join(out, "runs", run_id, "manifest.json")) as f:
         manifest = json.load(f)
     with open(out + ".rss.json", "w") as f:
-        json.dump(samples, f)
-    at = max(samples, key=lambda s: s[1])[0] if samples else 0
-    return {
-        "wall_s": round(wall, 1),
-        "peak_rss_gib": round(peak[0] / 2**30, 2),
-        "peak_at_s": at,
-        "manifest": manifest,
-        "log": log_path,
-    }
+        json.dump(result.pop("samples"), f)
+    return {**result, "manifest": manifest, "log": out + ".log"}
+
+
+def recommend_all(out: str, approximate: bool) -> dict:
+    """`embedpipe recommend RUN/export --all -k 20` (exact or `--approximate`) in a fresh process."""
+    export = os.path.join(out, "runs", "bench", "export")
+    command = [sys.executable, "-m", "embedpipe.cli", "recommend", export, "--all", "-k", "20"]
+    name = "approximate" if approximate else "exact"
+    result = measure(command + (["--approximate"] if approximate else []), f"{out}.recommend-{name}.log")
+    result.pop("samples")
+    return result
 
 
 def als_fit_seconds(interactions: str) -> float:
@@ -163,6 +179,11 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     parser.add_argument("--als", action="store_true", help="also time implicit's ALS on the same interactions")
+    parser.add_argument(
+        "--recommend",
+        action="store_true",
+        help="also time `recommend --all -k 20`, exact and --approximate (ann extra)",
+    )
     args = parser.parse_args(argv)
     results = []
     for scale in args.scales:
@@ -172,6 +193,8 @@ def main(argv=None) -> None:
         row = summary(scale, result)
         if args.als:
             row["als_fit_s"] = als_fit_seconds(interactions)
+        if args.recommend:
+            row["recommend_all"] = {"exact": recommend_all(out, False), "approximate": recommend_all(out, True)}
         results.append(row)
         print(json.dumps(row, indent=1))
     path = os.path.join(args.output, "results.json")
