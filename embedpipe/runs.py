@@ -11,9 +11,15 @@
 writes only inside `runs/<ID>/` and, at the very end, `publish`es: it checks that every stage
 finished and every exported table loads against its checksums, writes `_COMPLETE`, then
 replaces `LATEST` in one step (a new object written to a temporary name and renamed over the old
-one: atomic on a local or POSIX file system; on GCS/S3 every object write is atomic, so readers
-see the old pointer or the new one, never a partial one). Until then readers of `LATEST` keep
-seeing the previous complete run, whatever happens to this one.
+one on a local disk; one object write on GCS, where every object write is atomic), so readers
+see the old pointer or the new one, never a partial one. Until then readers of `LATEST` keep
+seeing the previous complete run, whatever happens to this one. The replace is a compare and
+swap (`schemas.layout.replace_latest`): `LATEST` moves only from the pointer this publish read
+when it started — a generation precondition on gs://, an exclusive lock around the check and
+the rename locally — so of several publishers that start from the same `LATEST` exactly one
+wins and the others fail with `PublishConflict` (their runs stay finished and unpublished).
+Other filesystems tf.io.gfile reaches (hdfs://; this TensorFlow has no s3://) get the check and a
+rename without that guarantee.
 
 Re-running an ID is idempotent: a complete run with the same config is published again without
 recomputing; an incomplete one (a crash, a kill) is deleted and started over; a complete run
@@ -39,6 +45,8 @@ import dataclasses
 import datetime
 import logging
 import os
+import re
+import uuid
 
 import tensorflow as tf
 
@@ -86,6 +94,9 @@ def prepare(root: str, run_id: str, config_digest: str) -> bool:
     if tf.io.gfile.exists(path):
         # Left by a run that did not finish: nothing in it was published, start it over.
         tf.io.gfile.rmtree(path)
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    tf.io.gfile.makedirs(path)
+    write_json_atomically(os.path.join(path, layout.STARTED), {"run_id": run_id, "started_at": started})
     return False
 
 
@@ -117,6 +128,7 @@ def publish(
     drift_limits: DriftLimits | None = None,
     config_source: str = "",
     force: bool = False,
+    expected: layout.Pointer | None = None,
 ) -> dict:
     """Verifies `runs/<run_id>/`, compares it with the published run, marks it complete and
     points `LATEST` at it.
@@ -129,6 +141,8 @@ def publish(
             the manifest's `drift` section); default: those the preprocess stage recorded.
         config_source: the config file named in a drift error (default: the recorded one).
         force: allow pointing `LATEST` back at an older complete run (a rollback).
+        expected: the `LATEST` this publish starts from (default: read now); `LATEST` moves
+            only if it is still that when the new pointer is written (`layout.replace_latest`).
 
     Returns:
         The pointer written to `LATEST`.
@@ -136,11 +150,14 @@ def publish(
     Raises:
         RunError: no such run, not finished, a table does not verify, a drift limit is
             breached, or a rollback without `force`.
+        PublishConflict: another publisher moved `LATEST` meanwhile (nothing of this run is
+            changed but its `_COMPLETE` marker: it can be published again).
     """
     path = run_dir(root, run_id)
     if not tf.io.gfile.exists(path):
         raise RunError(f"{path}: no such run to publish")
-    current = _latest_or_none(root)
+    expected = expected or layout.read_latest(root)
+    current = _latest_or_none(root, expected)
     if is_complete(path) and current not in (None, path) and not force:
         raise RunError(f"{path} is an older complete run and LATEST is on {current}; pass --force to roll LATEST back")
     manifest = verify(path)
@@ -155,22 +172,32 @@ def publish(
         if drift_limits is not None:
             source = config_source or manifest["preprocess"].get("config", {}).get("path") or path
             drift.check_thresholds(section, drift_limits, source)
-    if not is_complete(path):
+    marked = not is_complete(path)
+    if marked:  # before the pointer moves: LATEST never names a run without its marker
         digest = config_digest or manifest["preprocess"].get("config", {}).get("sha256", "")
         write_json_atomically(
             os.path.join(path, COMPLETE), {"run_id": run_id, "completed_at": now, "config_sha256": digest}
         )
-    pointer = {"run_id": run_id, "run_dir": f"{RUNS}/{run_id}", "published_at": now}
-    write_json_atomically(os.path.join(root, LATEST), pointer)
+    pointer = {"run_id": run_id, "run_dir": f"{RUNS}/{run_id}", "published_at": now, "publish_id": uuid.uuid4().hex}
+    try:
+        layout.replace_latest(root, expected, pointer)
+    except layout.PublishConflict:
+        if marked:  # back to a finished, unpublished run: it can be published again later
+            tf.io.gfile.remove(os.path.join(path, COMPLETE))
+        raise
     return pointer
 
 
-def _latest_or_none(root: str) -> str | None:
-    try:
-        return latest(root)
-    except RunError as e:  # a damaged pointer must not block the run that replaces it
-        _LOG.warning("publish: %s; publishing without a drift comparison", e)
+def _latest_or_none(root: str, pointer: layout.Pointer) -> str | None:
+    """The complete run `pointer` names; None without one (a damaged pointer must not block the
+    run that replaces it: a warning, and no drift comparison)."""
+    if pointer.data is None:
         return None
+    path = os.path.join(root, pointer.data["run_dir"])
+    if not is_complete(path):
+        _LOG.warning("publish: %s points at %s, which is not a complete run; no drift comparison", LATEST, path)
+        return None
+    return path
 
 
 def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | CollaborativeConfig:
@@ -212,3 +239,104 @@ def warm_start(config: Config | CollaborativeConfig, root: str) -> Config | Coll
         init = source(f.name, f.dim, f.hash_buckets if f.type == "hash" else None) if f.init_from is None else None
         features.append(dataclasses.replace(f, init_from=init) if init else f)
     return dataclasses.replace(config, categorical=tuple(features))
+
+
+ABANDONED_HOURS = 48.0  # an unfinished run untouched this long is abandoned
+_RUN_REFERENCE = re.compile(rf"{RUNS}/([A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")
+
+
+def collect_garbage(
+    root: str, keep: int, abandoned_hours: float = ABANDONED_HOURS, dry_run: bool = False, now: float | None = None
+) -> dict:
+    """Deletes old complete runs and abandoned unfinished ones under `root` (`embedpipe gc`).
+
+    Kept, whatever their age:
+
+    * the run `LATEST` names, and the newest `keep` complete runs (by their `_COMPLETE` time);
+    * unfinished runs touched (their `manifest.json` or `_STARTED` marker) in the last
+      `abandoned_hours`, and those with neither file: they may still be running (a finished
+      run that was never published, e.g. the loser of a `PublishConflict`, counts as
+      unfinished: publish it within `abandoned_hours` or it goes);
+    * while such a run exists, every complete run published in that window and the newest one
+      before it: the run may have warm-started from any of them (`warm_start` reads the `LATEST`
+      of its start);
+    * every run a kept run warm-started from (its manifest's `train.warm_start` and
+      `train.transfer` sources), transitively.
+
+    Args:
+        root: the output root.
+        keep: complete runs to keep (at least 1).
+        abandoned_hours: age after which an unfinished run is deleted.
+        dry_run: only say what would be deleted.
+        now: the time to measure ages from (seconds since the epoch; default now).
+
+    Returns:
+        {"kept": [ids], "deleted": [ids], "why": {id: reason}, "dry_run": bool}.
+
+    Raises:
+        RunError: `keep` < 1, or `LATEST` names a run that is not complete.
+    """
+    if keep < 1:
+        raise RunError(f"--keep {keep}: keep at least the run LATEST names (1)")
+    now = datetime.datetime.now(datetime.UTC).timestamp() if now is None else now
+    folder = os.path.join(root, RUNS)
+    ids = sorted(i.rstrip("/") for i in tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else []
+    current = latest(root)
+    complete, unfinished = {}, {}
+    for run_id in ids:
+        path = run_dir(root, run_id)
+        if is_complete(path):
+            complete[run_id] = read_json(os.path.join(path, COMPLETE)).get("completed_at", "")
+        else:
+            unfinished[run_id] = _touched(path)
+    why = {}
+    if current is not None:
+        why[os.path.basename(current)] = "LATEST"
+    for run_id in sorted(complete, key=lambda i: (complete[i], i), reverse=True)[:keep]:
+        why.setdefault(run_id, f"one of the newest {keep}")
+    window = now - abandoned_hours * 3600
+    running = [i for i, touched in unfinished.items() if touched >= window]
+    for run_id in running:
+        why[run_id] = "unfinished, may still be running"
+    if running:
+        start = datetime.datetime.fromtimestamp(window, datetime.UTC).isoformat(timespec="seconds")
+        before = [i for i in complete if complete[i] < start]
+        for run_id in [i for i in complete if complete[i] >= start] + sorted(before, key=complete.get)[-1:]:
+            why.setdefault(run_id, "a possible warm-start source of an unfinished run")
+    pending = list(why)
+    while pending:
+        for run_id in _warm_start_sources(run_dir(root, pending.pop())):
+            if run_id in complete and run_id not in why:
+                why[run_id] = "the warm-start source of a kept run"
+                pending.append(run_id)
+    deleted = [i for i in ids if i not in why]
+    for run_id in deleted:
+        _LOG.info("gc: %s %s", "would delete" if dry_run else "deleting", run_dir(root, run_id))
+        if not dry_run:
+            tf.io.gfile.rmtree(run_dir(root, run_id))
+    return {"kept": [i for i in ids if i in why], "deleted": deleted, "why": why, "dry_run": dry_run}
+
+
+def _warm_start_sources(path: str) -> set[str]:
+    """The run ids whose tables the run at `path` started from (its manifest's `train.warm_start`
+    and `train.transfer` sources)."""
+    manifest = os.path.join(path, layout.MANIFEST)
+    if not tf.io.gfile.exists(manifest):
+        return set()
+    train = read_json(manifest).get("train", {})
+    sources = [entry.get("source", "") for entry in train.get("transfer", {}).values()]
+    for tables in train.get("warm_start", {}).values():  # {model: {table: report}}, or {table: report}
+        sources += [t.get("source", "") for t in tables.values()] if "source" not in tables else [tables["source"]]
+    return {m for source in sources for m in _RUN_REFERENCE.findall(str(source))}
+
+
+def _touched(path: str) -> float:
+    """When an unfinished run last changed (seconds since the epoch): the newer of its manifest
+    and its `_STARTED` marker; +inf (never abandoned) when it has neither (a run that started
+    before markers existed, or one being created right now: a directory has no time on gs://)."""
+    times = [
+        tf.io.gfile.stat(f).mtime_nsec / 1e9
+        for f in (os.path.join(path, layout.MANIFEST), os.path.join(path, layout.STARTED))
+        if tf.io.gfile.exists(f)
+    ]
+    return max(times) if times else float("inf")

@@ -160,6 +160,8 @@ def run_all(argv: list[str] | None = None) -> dict:
     print(f"  manifest:  {os.path.join(output_dir, layout.MANIFEST)}")
     print(f"  latest:    {os.path.join(root, layout.LATEST)} -> {pointer['run_dir']}")
     print_metric(trained)
+    if args.keep is not None:
+        print_gc(runs.collect_garbage(root, args.keep))
     return read_manifest(output_dir)
 
 
@@ -178,7 +180,26 @@ def publish(argv: list[str] | None = None) -> dict:
     else:
         pointer = runs.publish(args.output, args.run_id, force=args.force)
     print(f"published {os.path.join(args.output, layout.LATEST)} -> {pointer['run_dir']}")
+    if args.keep is not None:
+        print_gc(runs.collect_garbage(args.output, args.keep))
     return pointer
+
+
+def collect_garbage(argv: list[str] | None = None) -> dict:
+    """`embedpipe gc --output ROOT --keep N`: old and abandoned runs deleted (`runs.collect_garbage`)."""
+    args, _ = cli_args.parse("gc", argv)
+    hours = runs.ABANDONED_HOURS if args.abandoned_hours is None else args.abandoned_hours
+    result = runs.collect_garbage(args.output, args.keep, hours, dry_run=args.dry_run)
+    print_gc(result)
+    return result
+
+
+def print_gc(result: dict) -> None:
+    """What `collect_garbage` kept and deleted, one line each."""
+    verb = "would delete" if result["dry_run"] else "deleted"
+    print(f"gc: {verb} {len(result['deleted'])} run(s): {', '.join(result['deleted']) or '-'}")
+    for run_id in result["kept"]:
+        print(f"  kept {run_id}: {result['why'][run_id]}")
 
 
 def release_memory() -> None:

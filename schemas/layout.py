@@ -7,6 +7,7 @@ nowhere else::
     ROOT/
       LATEST                        {"run_id": ID, "run_dir": "runs/ID", "published_at": ...}
       runs/<ID>/                    one run (`run_dir`)
+        _STARTED                    written when `embedpipe run` starts it (`embedpipe.runs.prepare`)
         _COMPLETE                   written when the run is published (`embedpipe.runs.publish`)
         manifest.json               `schemas.manifest`
         report.html                 `trainer.report`
@@ -29,15 +30,20 @@ A run directory may also be used on its own (no root, no run id): the stage comm
 from __future__ import annotations
 
 import datetime
+import fcntl
+import functools
+import hashlib
 import json
 import os
 import re
 import uuid
+from dataclasses import dataclass
 
 import tensorflow as tf
 
 LATEST = "LATEST"
 COMPLETE = "_COMPLETE"
+STARTED = "_STARTED"  # written when `embedpipe run` starts a run (`embedpipe.runs.prepare`)
 RUNS = "runs"
 MANIFEST = "manifest.json"
 REPORT = "report.html"
@@ -118,6 +124,119 @@ def latest(root: str) -> str | None:
     if not is_complete(path):
         raise RunError(f"{pointer_path} points at {path}, which is not a complete run")
     return path
+
+
+class PublishConflict(RunError):
+    """`LATEST` changed between the moment a publisher read it and its write."""
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """`ROOT/LATEST` as one publisher read it: its content (None before the first publish) and
+    the version `replace_latest` compares against (the object's generation on gs://, a sha256 of
+    the file's bytes on a local disk)."""
+
+    data: dict | None
+    version: int | str | None
+
+
+def read_latest(root: str) -> Pointer:
+    """`ROOT/LATEST` with its version (see `Pointer`), for a later `replace_latest`."""
+    path = os.path.join(root, LATEST)
+    if path.startswith("gs://"):
+        bucket, name = _gcs_object(path)
+        while True:
+            blob = bucket.get_blob(name)
+            if blob is None:
+                return Pointer(None, None)
+            try:  # the content of exactly that generation
+                data = blob.download_as_bytes(if_generation_match=blob.generation)
+            except _gcs_exceptions().PreconditionFailed:
+                continue  # replaced between the two requests: read the new one
+            return Pointer(json.loads(data), int(blob.generation))
+    if not tf.io.gfile.exists(path):
+        return Pointer(None, None)
+    with tf.io.gfile.GFile(path, "rb") as f:
+        data = f.read()
+    return Pointer(json.loads(data), hashlib.sha256(data).hexdigest())
+
+
+def replace_latest(root: str, expected: Pointer, data: dict) -> None:
+    """Points `ROOT/LATEST` at `data` only if it is still what `expected` read (compare and swap).
+
+    On gs:// the write carries a generation precondition (`if_generation_match`: 0 when there
+    was no pointer), so of several publishers that read the same pointer exactly one wins; on a
+    local disk the check and the atomic rename happen under an exclusive lock
+    (`ROOT/.LATEST.lock`, `fcntl.flock`, released if the process dies). Other filesystems
+    tf.io.gfile reaches (hdfs://) get the check and a rename, without the guarantee against a
+    concurrent publisher.
+
+    `data` should be unique to this publish (`embedpipe.runs.publish` puts a random
+    `publish_id` in it): a write found in place after a failed precondition is taken as this one.
+
+    Raises:
+        PublishConflict: `LATEST` changed since `expected` was read.
+    """
+    path = os.path.join(root, LATEST)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    if path.startswith("gs://"):
+        bucket, name = _gcs_object(path)
+        try:
+            bucket.blob(name).upload_from_string(
+                text, content_type="application/json", if_generation_match=expected.version or 0
+            )
+        except _gcs_exceptions().PreconditionFailed:
+            # The client retries a conditional upload; when the first attempt landed but its
+            # answer was lost, the retry fails its precondition on our own write.
+            if read_latest(root).data != data:
+                raise _conflict(root, expected) from None
+        return
+    if "://" in path:
+        if read_latest(root).version != expected.version:
+            raise _conflict(root, expected)
+        write_json_atomically(path, data)
+        return
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".LATEST.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if read_latest(root).version != expected.version:
+            raise _conflict(root, expected)
+        temp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(temp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+
+
+def _conflict(root: str, expected: Pointer) -> PublishConflict:
+    now = read_latest(root).data
+    was = (expected.data or {}).get("run_id", "nothing")
+    return PublishConflict(
+        f"{os.path.join(root, LATEST)} moved from {was} to {(now or {}).get('run_id', 'nothing')} while this "
+        "publish ran (another publisher won); LATEST is left as it is"
+    )
+
+
+def _gcs_object(path: str):
+    """(bucket, object name) of a gs:// path, through google-cloud-storage (which also honours
+    `STORAGE_EMULATOR_HOST`)."""
+    # imported for gs:// roots only: most runs never need the client (it comes with apache-beam[gcp])
+    from google.cloud import storage
+
+    bucket, _, name = path[len("gs://") :].partition("/")
+    return _gcs_client(storage).bucket(bucket), name
+
+
+@functools.cache
+def _gcs_client(storage):
+    return storage.Client()
+
+
+def _gcs_exceptions():
+    from google.api_core import exceptions
+
+    return exceptions
 
 
 def resolve(path: str) -> str:

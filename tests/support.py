@@ -3,7 +3,13 @@
 import os
 import shutil
 
+import numpy as np
 import pytest
+
+from schemas import layout
+from schemas.manifest import update_manifest
+from schemas.tables import TableSpec
+from trainer.export import write_table
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TINY_YAML = os.path.join(FIXTURES, "tiny.yaml")
@@ -59,3 +65,22 @@ def config_error(path: str) -> str:
     message = str(err.value)
     assert message.startswith(f"{path}: ")
     return message
+
+
+def fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>")):
+    """A finished run directory with one exported vocabulary table (its last key the OOV row),
+    as the stages would leave it."""
+    path = layout.run_dir(str(root), run_id)
+    spec = TableSpec(table, "vocabulary", ("c",), len(keys), 2, len(keys) - 1, 1)
+    written = write_table(
+        os.path.join(path, "export", table),
+        spec,
+        list(keys),
+        np.eye(len(keys), 2, dtype=np.float32),
+        np.ones(len(keys), np.int64),
+        {},
+    )
+    update_manifest(path, "preprocess", {"config": {"sha256": digest}})
+    update_manifest(path, "train", {})
+    update_manifest(path, "export", {"tables": {table: written}})
+    return path

@@ -390,22 +390,21 @@ def test_a_history_models_query_from_item_keys_is_its_exported_user_vector(watch
     assert ranked[0][1] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_item_rows_of_raw_keys_are_the_preprocessings(watch_run):
-    _, _, base = watch_run
-    export = os.path.join(base, "runs", "w1", "export")
-    items = load_table(os.path.join(export, "item"))
-    spec = TableSpec("item", "vocabulary", ("item",), len(items.keys), items.dim, items.real_rows, 1)
-    serving = recommender.Serving(BagOfHistory(len(items.keys), items.dim, 3), spec, items.keys, max_history=3)
-    unseen = ["never seen 1", "never seen 2", "never seen 3"]
-    rows = serving.rows(tf.constant([[items.keys[0], "", items.keys[-1], *unseen]])).numpy()[0]
-    assert rows[:3].tolist() == [0, -1, len(items.keys) - 1]  # a key, padding, "<OOV 0>" (its own row)
-    # what tf.Transform's vocabulary lookup does with keys outside the vocabulary
-    vocabulary = items.keys[: items.real_rows]
+def test_item_rows_of_raw_keys_are_the_preprocessings():
+    vocabulary, oov = [f"m{i}" for i in range(5)], 7
+    keys = vocabulary + [f"<OOV {i}>" for i in range(oov)]
+    spec = TableSpec("item", "vocabulary", ("item",), len(keys), 2, len(vocabulary), oov)
+    serving = recommender.Serving(BagOfHistory(len(keys), 2, 3), spec, keys, max_history=3)
+    unseen = [f"never seen {i}" for i in range(40)]
+    rows = serving.rows(tf.constant([["m3", "", "<OOV 4>", *unseen]])).numpy()[0]
+    assert rows[:3].tolist() == [3, -1, 9]  # a key, padding, an OOV row's own key
+    # what tf.Transform's vocabulary lookup does with keys outside the vocabulary (7 buckets)
     tft_like = tf.lookup.StaticVocabularyTable(
         tf.lookup.KeyValueTensorInitializer(vocabulary, tf.range(len(vocabulary), dtype=tf.int64)),
-        num_oov_buckets=len(items.keys) - items.real_rows,
+        num_oov_buckets=oov,
     )
-    assert rows[3:].tolist() == tft_like.lookup(tf.constant(unseen)).numpy().tolist()
+    expected = tft_like.lookup(tf.constant(unseen)).numpy()
+    assert rows[3:].tolist() == expected.tolist() and len(set(expected)) > 3  # the buckets differ
 
 
 def test_history_windows_keep_the_newest_items_right_aligned():

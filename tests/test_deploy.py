@@ -165,6 +165,34 @@ def test_dockerfile_installs_this_package_version():
     assert "'embedpipe': '${EMBEDPIPE_VERSION}'" in text and "'apache-beam': '${BEAM_VERSION}'" in text
 
 
+def _constraints() -> dict[str, str]:
+    lines = open(os.path.join(ROOT, "deploy", "constraints.txt"), encoding="utf-8").read().splitlines()
+    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {p.name: str(p.specifier).removeprefix("==") for p in pins}
+
+
+def test_tests_and_image_install_the_same_constrained_versions():
+    text, args = _dockerfile()
+    pins = _constraints()
+    install = re.search(r"^RUN pip install (.*)$", text, re.M).group(1)
+    assert "-c constraints.txt" in install and "COPY deploy/constraints.txt ./constraints.txt" in text
+    assert pins["apache-beam"] == args["BEAM_VERSION"]
+    # this environment (the tests') runs exactly the pinned versions
+    installed = {name: importlib.metadata.version(name) for name in pins}
+    assert installed == pins
+    # every pin fits setup.py's requirements; keras and tf-keras are declared
+    required = {Requirement(r).name: Requirement(r) for r in _setup_kwargs()["install_requires"]}
+    assert {"keras", "tf-keras"} <= set(required)
+    for name, version in pins.items():
+        if name in required:
+            assert required[name].specifier.contains(version), (name, version, str(required[name]))
+    # the README's install command is what CI runs
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    command = 'pip install -e ".[test]" -c deploy/constraints.txt'
+    assert command in ci.splitlines() and command in readme
+
+
 def test_dockerfile_copies_what_the_package_and_the_template_need():
     text, _ = _dockerfile()
     copies = [line.split()[1:] for line in text.splitlines() if line.startswith("COPY ") and "--from" not in line]
@@ -178,6 +206,7 @@ def test_dockerfile_copies_what_the_package_and_the_template_need():
         "schemas",
         "setup.py",
         "README.md",
+        "deploy/constraints.txt",
     } <= sources  # setup.py reads README.md
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
     py_file = re.search(r'^ENV FLEX_TEMPLATE_PYTHON_PY_FILE="(\S+)"$', text, re.M).group(1)

@@ -8,36 +8,15 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from embedpipe import cli, runs, stages
 from schemas import layout
 from schemas.manifest import update_manifest
-from schemas.tables import TableSpec
-from trainer.export import write_table
 from trainer.tables import load_table
 
 from support import TINY_YAML as TINY
-
-
-def _fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>")):
-    """A finished run directory with one exported vocabulary table (its last key the OOV row),
-    as the stages would leave it."""
-    path = layout.run_dir(str(root), run_id)
-    spec = TableSpec(table, "vocabulary", ("c",), len(keys), 2, len(keys) - 1, 1)
-    written = write_table(
-        os.path.join(path, "export", table),
-        spec,
-        list(keys),
-        np.eye(len(keys), 2, dtype=np.float32),
-        np.ones(len(keys), np.int64),
-        {},
-    )
-    update_manifest(path, "preprocess", {"config": {"sha256": digest}})
-    update_manifest(path, "train", {})
-    update_manifest(path, "export", {"tables": {table: written}})
-    return path
+from support import fake_run as _fake_run
 
 
 def test_publish_points_latest_at_a_verified_run_and_resolves_latest_paths(tmp_path):
@@ -83,7 +62,8 @@ def test_prepare_restarts_an_unfinished_run_and_keeps_a_finished_one(tmp_path):
     with pytest.raises(layout.RunError, match="another config"):
         runs.prepare(str(tmp_path), "done", "other")
     leftover = _fake_run(tmp_path, "crashed")  # everything written, never published
-    assert runs.prepare(str(tmp_path), "crashed", "abc") is False and not os.path.exists(leftover)
+    assert runs.prepare(str(tmp_path), "crashed", "abc") is False
+    assert os.listdir(leftover) == ["_STARTED"]  # the earlier attempt's files are gone; a fresh start is dated
     assert os.path.exists(done)
 
 
@@ -182,3 +162,35 @@ def test_warm_start_skips_a_table_whose_config_changed(tmp_path):
         config, categorical=tuple(dataclasses.replace(f, dim=5) if f is carrier else f for f in config.categorical)
     )
     assert all(f.init_from is None for f in runs.warm_start(changed, str(tmp_path)).categorical)  # dim 5 != 2: fresh
+
+
+def test_gc_keeps_latest_the_newest_runs_what_they_name_and_what_may_still_run(tmp_path, capsys):
+    root = str(tmp_path)
+    for run_id in ("d1", "d2", "d3", "d4", "d5"):
+        _fake_run(root, run_id)
+        runs.publish(root, run_id)
+    warm = {"two_tower": {"item": {"source": f"{root}/runs/d1/export/item", "match_rate": 1.0}}}
+    update_manifest(layout.run_dir(root, "d5"), "train", {"warm_start": warm})
+    later = time.time() + 100 * 3600  # "now", 100 hours after these runs were published
+    for run_id, hours_ago in (("running", 1), ("abandoned", 60)):
+        _fake_run(root, run_id)  # unfinished: never published
+        manifest = os.path.join(layout.run_dir(root, run_id), "manifest.json")
+        os.utime(manifest, (later - hours_ago * 3600, later - hours_ago * 3600))
+    dry = runs.collect_garbage(root, keep=2, dry_run=True, now=later)
+    assert dry["deleted"] == ["abandoned", "d2", "d3"] and os.path.isdir(layout.run_dir(root, "d2"))
+    result = runs.collect_garbage(root, keep=2, now=later)
+    assert result["why"] == {
+        "d5": "LATEST",
+        "d4": "one of the newest 2",
+        "running": "unfinished, may still be running",
+        "d1": "the warm-start source of a kept run",
+    }
+    assert sorted(os.listdir(os.path.join(root, "runs"))) == ["d1", "d4", "d5", "running"]
+    assert layout.latest(root) == layout.run_dir(root, "d5") and runs.verify(layout.latest(root))
+    # a run in progress since less than abandoned-hours may have warm-started from the run LATEST
+    # named when it started: every complete run of that window, and the newest before it, stay
+    assert cli.main(["gc", "--output", root, "--keep", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 0 run(s)" in out and "a possible warm-start source of an unfinished run" in out
+    with pytest.raises(layout.RunError, match="keep at least"):
+        runs.collect_garbage(root, keep=0)

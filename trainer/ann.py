@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,10 +106,16 @@ class HnswIndex:
         info["build_s"] = round(built, 1)
         made = cls(index, info)
         info["k"], info[f"recall@{RECALL_K}"] = RECALL_K, round(made.recall(vectors, RECALL_K), 4)
-        with tf.io.gfile.GFile(path, "wb") as f:
-            f.write(faiss.serialize_index(index).tobytes())
-        with tf.io.gfile.GFile(path + ".json", "w") as f:
-            f.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        # each file to a temporary name, then renamed: a reader sees a whole index or the old one;
+        # the .json last, so it only ever describes an index that is in place
+        for target, content in (
+            (path, faiss.serialize_index(index).tobytes()),
+            (path + ".json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()),
+        ):
+            temp = f"{target}.tmp-{uuid.uuid4().hex}"
+            with tf.io.gfile.GFile(temp, "wb") as f:
+                f.write(content)
+            tf.io.gfile.rename(temp, target, overwrite=True)
         _LOG.info("ann: %s in %.0fs, recall@%d %.3f", path, built, RECALL_K, info[f"recall@{RECALL_K}"])
         return made
 

@@ -140,11 +140,15 @@ def _approximate(index, unit: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.
     order = np.argsort(itself, axis=1, kind="stable")[:, :k]  # itself to the end, then cut
     scores, top = np.take_along_axis(scores, order, 1), np.take_along_axis(top, order, 1)
     short = np.flatnonzero((top < 0).any(axis=1))
-    if len(short):
-        sims = unit[rows[short]] @ unit.T
-        sims[np.arange(len(short)), rows[short]] = -np.inf
-        top[short] = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        scores[short] = np.take_along_axis(sims, top[short], 1)
+    step = max(1, BLOCK_BYTES // (4 * len(unit)))
+    for start in range(0, len(short), step):  # the exact ones, a memory-bounded block at a time
+        part = short[start : start + step]
+        sims = unit[rows[part]] @ unit.T
+        sims[np.arange(len(part)), rows[part]] = -np.inf
+        best = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, best, 1), axis=1, kind="stable")
+        top[part] = np.take_along_axis(best, order, 1)
+        scores[part] = np.take_along_axis(sims, top[part], 1)
     return scores, top
 
 

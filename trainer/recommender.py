@@ -12,10 +12,11 @@ The export (`trainer.export`) writes, for the model chosen on validation:
   history, held-out interactions included (the export serves tomorrow) — the model's own query
   of the newest `max_history` items for `bag_of_history` and `self_attention`, the learned row
   for `two_tower`; OOV user rows are zeros;
-* `recommender/histories.parquet` (`schemas.layout.histories_path`): `user` (string) and `items`
+* `recommender/histories.parquet` (`schemas.layout.histories_path`): `user` (string), `items`
   (list<string>, item table keys, oldest first; an item below the vocabulary's thresholds appears
-  as its OOV row's key, `<OOV 0>`), at most the newest 10,000 training items and the held-out
-  ones per user (`MAX_RECORD_ITEMS`);
+  as its OOV row's key, `<OOV 0>`) and `rows` (list<int32>, the same items' rows of this export's
+  item table), at most the newest 10,000 training items and the held-out ones per user
+  (`MAX_RECORD_ITEMS`);
 * `recommender/saved_model/`, signatures:
   - `query(item_keys: string [batch, n]) -> {"vector": float32 [batch, dim]}`: a history per row,
     newest last, "" pads. A key of the item table maps to its row; any other key to an OOV row
@@ -54,10 +55,11 @@ from trainer.retrieval import TwoTower
 from trainer.tables import EmbeddingTable, UnknownKeyError, load_table, sha256_file
 
 _LOG = logging.getLogger(__name__)
+WRITE_USERS = 8192  # users per row group of recommendations.parquet
 APPROXIMATE_SEEN = 512  # the most seen items an approximate search asks extra candidates for
 SAVED_MODEL = "saved_model"
 MANIFEST = "manifest.json"
-_HISTORIES_SCHEMA = pa.schema([("user", pa.string()), ("items", pa.list_(pa.string()))])
+_HISTORIES_SCHEMA = pa.schema([("user", pa.string()), ("items", pa.list_(pa.string())), ("rows", pa.list_(pa.int32()))])
 _RECOMMENDATIONS_SCHEMA = pa.schema(
     [("user", pa.string()), ("items", pa.list_(pa.string())), ("scores", pa.list_(pa.float32()))]
 )
@@ -105,8 +107,18 @@ def user_vectors(
                 rows = tf.range(tf.shape(lengths, out_type=tf.int64)[0])
                 vectors[user] = model.history_query(sequences.windows(items, lengths, rows, max_history)).numpy()
             flat = pc.take(item_keys_array, pa.array(items.flat_values.numpy()))
-            listed = pa.ListArray.from_arrays(pa.array(items.row_splits.numpy().astype(np.int32)), flat)
-            writer.write_table(pa.table({"user": pa.array(user_keys_array[user], pa.string()), "items": listed}))
+            offsets = pa.array(items.row_splits.numpy().astype(np.int32))
+            rows_flat = pa.array(items.flat_values.numpy().astype(np.int32))
+            writer.write_table(
+                pa.table(
+                    {
+                        "user": pa.array(user_keys_array[user], pa.string()),
+                        "items": pa.ListArray.from_arrays(offsets, flat),
+                        "rows": pa.ListArray.from_arrays(offsets, rows_flat),
+                    },
+                    schema=_HISTORIES_SCHEMA,
+                )
+            )
             progress.add(len(user))
     progress.done()
     return vectors
@@ -249,13 +261,12 @@ def _padded(histories: list[list[str]]) -> tf.Tensor:
     return tf.constant([list(h) + [""] * (width - len(h)) for h in histories], tf.string)
 
 
-def _seen_rows(histories: pa.Table, items: EmbeddingTable) -> tf.RaggedTensor:
-    """The vocabulary rows of each history's items (ragged int64), OOV and unknown keys left out."""
-    column = histories.column("items").combine_chunks()
-    rows = pc.index_in(column.flatten(), value_set=pa.array(items.keys[: items.real_rows], pa.string()))
-    rows = rows.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+def _seen_rows(histories: pa.Table, vocabulary: int) -> tf.RaggedTensor:
+    """The vocabulary rows of each history's items (ragged int64), OOV rows left out."""
+    column = histories.column("rows").combine_chunks()
+    rows = column.flatten().to_numpy().astype(np.int64)
     owner = np.repeat(np.arange(len(column)), np.diff(column.offsets.to_numpy()))
-    keep = rows >= 0
+    keep = rows < vocabulary
     return tf.RaggedTensor.from_value_rowids(rows[keep], owner[keep], nrows=len(column))
 
 
@@ -292,26 +303,23 @@ def recommend_all(export_directory: str, k: int, path: str | None = None, index=
         source = pq.ParquetFile(f)
         progress = Progress(_LOG, "recommend --all", total=source.metadata.num_rows, unit="users")
         with _output(path) as out, pq.ParquetWriter(out, _RECOMMENDATIONS_SCHEMA) as writer:
-            for batch in source.iter_batches(batch_size=block):
+            parts = []
+            for batch in source.iter_batches(batch_size=block, columns=["user", "rows"]):
                 histories = pa.Table.from_batches([batch])
                 keys = histories.column("user").to_pylist()
                 query = users.vectors[[users.row(key) for key in keys]]
-                seen = _seen_rows(histories, items)
+                seen = _seen_rows(histories, items.real_rows)
                 if index is None:
                     top, scores = ranker(query, seen, k)
                 else:
                     top, scores = _approximate(index, ranker, query, seen, k)
-                writer.write_table(
-                    pa.table(
-                        {
-                            "user": pa.array(keys, pa.string()),
-                            "items": pa.array([item_keys[t].tolist() for t in top], pa.list_(pa.string())),
-                            "scores": pa.array(list(scores.astype(np.float32)), pa.list_(pa.float32())),
-                        },
-                        schema=_RECOMMENDATIONS_SCHEMA,
-                    )
-                )
+                parts.append((keys, top, scores.astype(np.float32)))
                 progress.add(len(keys))
+                if sum(len(p[0]) for p in parts) >= WRITE_USERS:  # row groups of ~WRITE_USERS users
+                    writer.write_table(_recommendations(parts, item_keys))
+                    parts = []
+            if parts:
+                writer.write_table(_recommendations(parts, item_keys))
         seconds = progress.done()
     return {
         "path": path,
@@ -341,6 +349,22 @@ def _approximate(index, ranker: TopK, query: np.ndarray, seen: tf.RaggedTensor, 
     return rows, best
 
 
+def _recommendations(parts: list, item_keys: np.ndarray) -> pa.Table:
+    """One Parquet row group of `recommend_all`: [(user keys, rows [b, k], scores [b, k])]."""
+    keys = [key for part in parts for key in part[0]]
+    top = np.concatenate([part[1] for part in parts])
+    scores = np.concatenate([part[2] for part in parts])
+    offsets = pa.array(np.arange(0, top.size + 1, max(top.shape[1], 1), dtype=np.int32))
+    return pa.table(
+        {
+            "user": pa.array(keys, pa.string()),
+            "items": pa.ListArray.from_arrays(offsets, pa.array(item_keys[top.ravel()], pa.string())),
+            "scores": pa.ListArray.from_arrays(offsets, pa.array(scores.ravel())),
+        },
+        schema=_RECOMMENDATIONS_SCHEMA,
+    )
+
+
 def recommend_users(export_directory: str, users: list[str], k: int = 10) -> dict[str, list[tuple[str, str, float]]]:
     """Top-k items for each of `users` of an export (user vector . item vector), the tables
     loaded once; each user's history items are excluded where the export has the histories.
@@ -361,7 +385,7 @@ def recommend_users(export_directory: str, users: list[str], k: int = 10) -> dic
     if tf.io.gfile.exists(histories_file):
         with _input(histories_file) as f:
             found = pq.read_table(f, filters=[("user", "in", list(users))])
-        for user, rows in zip(found.column("user").to_pylist(), _seen_rows(found, items).to_list()):
+        for user, rows in zip(found.column("user").to_pylist(), _seen_rows(found, items.real_rows).to_list()):
             seen[user] = rows
     ranker = TopK(items.vectors[: items.real_rows])
     query = user_table.vectors[[user_table.row(u) for u in users]]

@@ -288,10 +288,19 @@ def save_model(model: keras.Model, path: str) -> None:
 
 
 def load_model(path: str, name: str, users: TableSpec, items: TableSpec, max_history: int) -> keras.Model:
-    """The model `save_model` wrote to `path` (`build`'s arguments as when it was trained)."""
+    """The model `save_model` wrote to `path` (`build`'s arguments as when it was trained).
+
+    Raises:
+        FileNotFoundError: `path` holds only tables (written before models saved every weight).
+    """
     with tf.io.gfile.GFile(path, "rb") as f:
         with np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
             weights = [npz[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in npz.files))]
+    if not weights:
+        raise FileNotFoundError(
+            f"{path} has the tables but not the weights of {name} (trained by an older embedpipe); "
+            "run `embedpipe train` on this run again, then `embedpipe export`"
+        )
     model = build(name, users, items, max_history)
     model.set_weights(weights)
     return model
