@@ -69,6 +69,7 @@ from trainer.tables import load_source, match_rows
 
 _LOG = logging.getLogger(__name__)
 STEPS_PER_CALL = 50  # training steps per call into TensorFlow (progress is logged between calls)
+MORE_LIKE_THIS_USERS = 20_000  # users the "more like this" hit rate is measured on (the first read)
 
 
 class TwoTower(keras.Model):
@@ -524,7 +525,8 @@ def evaluate(
         popularity: also rank by training popularity (as "popularity").
         more_like_this: also score item-to-item use of each item table: the hit rate@K of a
             user's first held-out item among the K nearest items (cosine) of their newest
-            training item, the item itself excluded; users without a training item are skipped.
+            training item, the item itself excluded; users without a training item are skipped;
+            on the first `MORE_LIKE_THIS_USERS` users read (the manifest says how many).
 
     Returns:
         ({name: {"recall@K": ..., "ndcg@K": ...}}, plus "popularity" when asked; users scored),
@@ -550,7 +552,7 @@ def evaluate(
                 query = models[name].query(block["user"], block["history"])
             top, _ = ranker(query, block["seen"], max(ks))
             metrics[name].add(top, block["targets"])
-        if neighbours:
+        if neighbours and next(iter(hits.values())).users < MORE_LIKE_THIS_USERS:
             newest = block["history"][:, -1].numpy()
             has = (newest >= 0) & (newest < vocab) & (block["targets"].row_lengths().numpy() > 0)
             if has.any():
