@@ -325,8 +325,8 @@ def _warm_start_sources(path: str) -> set[str]:
         return set()
     train = read_json(manifest).get("train", {})
     sources = [entry.get("source", "") for entry in train.get("transfer", {}).values()]
-    for tables in train.get("warm_start", {}).values():  # {model: {table: report}}, or {table: report}
-        sources += [t.get("source", "") for t in tables.values()] if "source" not in tables else [tables["source"]]
+    for tables in train.get("warm_start", {}).values():  # {model: {table: report}}
+        sources += [report.get("source", "") for report in tables.values()]
     return {m for source in sources for m in _RUN_REFERENCE.findall(str(source))}
 
 

@@ -29,6 +29,7 @@ A run directory may also be used on its own (no root, no run id): the stage comm
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import functools
@@ -178,12 +179,13 @@ def replace_latest(root: str, expected: Pointer, data: dict) -> None:
         PublishConflict: `LATEST` changed since `expected` was read.
     """
     path = os.path.join(root, LATEST)
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     if path.startswith("gs://"):
         bucket, name = _gcs_object(path)
         try:
             bucket.blob(name).upload_from_string(
-                text, content_type="application/json", if_generation_match=expected.version or 0
+                json.dumps(data, indent=2, sort_keys=True) + "\n",
+                content_type="application/json",
+                if_generation_match=expected.version or 0,
             )
         except _gcs_exceptions().PreconditionFailed:
             # The client retries a conditional upload; when the first attempt landed but its
@@ -191,22 +193,23 @@ def replace_latest(root: str, expected: Pointer, data: dict) -> None:
             if read_latest(root).data != data:
                 raise _conflict(root, expected) from None
         return
-    if "://" in path:
+    with _local_lock(root):
         if read_latest(root).version != expected.version:
             raise _conflict(root, expected)
         write_json_atomically(path, data)
+
+
+@contextlib.contextmanager
+def _local_lock(root: str):
+    """An exclusive lock on `ROOT/.LATEST.lock` (`fcntl.flock`, released when the file closes or
+    the process dies) for a local root; nothing for other filesystems."""
+    if "://" in root:
+        yield
         return
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, ".LATEST.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if read_latest(root).version != expected.version:
-            raise _conflict(root, expected)
-        temp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(temp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _conflict(root: str, expected: Pointer) -> PublishConflict:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -103,6 +104,11 @@ def field_names(cls, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.name not in exclude)
 
 
+def with_defaults(section: dict, cls) -> Callable[[str], Any]:
+    """`get(key)`: the section's value for `key`, else the default of field `key` of `cls`."""
+    return lambda key: section.get(key, default(cls, key))
+
+
 def default(cls, name: str) -> Any:
     """The default of field `name` of dataclass `cls` (where each default is written)."""
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
@@ -175,6 +181,12 @@ class _Parser:
             return value
         return self.integer(value, where, minimum=1, maximum=4096)
 
+    def integer_list(self, value, where: str, what: str, low: int = 1, high: int | None = None) -> tuple[int, ...]:
+        """A non-empty list of integers in [low, high]; `what` says what was expected in the error."""
+        if not isinstance(value, (list, tuple)) or not value:
+            self.fail(where, f"expected {what}, got {value!r}")
+        return tuple(self.integer(v, f"{where}[{i}]", low, high) for i, v in enumerate(value))
+
     def string_list(self, value, where: str) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [value]
@@ -216,8 +228,7 @@ class _Parser:
     def input(self, raw) -> InputConfig:
         m = self.mapping(raw, "input", field_names(InputConfig), required=("format", "path", "columns"))
 
-        def get(key):
-            return m.get(key, default(InputConfig, key))
+        get = with_defaults(m, InputConfig)
 
         fmt = self.string(m["format"], "input.format", INPUT_FORMATS)
         path = self.path_value(m["path"], "input.path")
@@ -445,17 +456,14 @@ class _Parser:
     def training(self, raw) -> TrainingConfig:
         m = self.mapping(raw, "training", field_names(TrainingConfig))
 
-        def get(key):
-            return m.get(key, default(TrainingConfig, key))
-
-        hidden = get("hidden_units")
-        if not isinstance(hidden, (list, tuple)) or not hidden:
-            self.fail("training.hidden_units", f"expected a non-empty list of layer sizes, got {hidden!r}")
+        get = with_defaults(m, TrainingConfig)
         return TrainingConfig(
             batch_size=self.integer(get("batch_size"), "training.batch_size"),
             epochs=self.integer(get("epochs"), "training.epochs"),
             learning_rate=self.number(get("learning_rate"), "training.learning_rate"),
-            hidden_units=tuple(self.integer(h, f"training.hidden_units[{i}]") for i, h in enumerate(hidden)),
+            hidden_units=self.integer_list(
+                get("hidden_units"), "training.hidden_units", "a non-empty list of layer sizes"
+            ),
             patience=self.integer(get("patience"), "training.patience"),
             seed=self.integer(get("seed"), "training.seed", 0),
             shuffle_buffer=self.integer(get("shuffle_buffer"), "training.shuffle_buffer"),
@@ -475,8 +483,7 @@ class _Parser:
             top["interactions"], "interactions", INTERACTION_FIELDS, required=("user", "item", "timestamp")
         )
 
-        def get(key):
-            return m.get(key, default(CollaborativeConfig, key))
+        get = with_defaults(m, CollaborativeConfig)
 
         user = self.side("user", m["user"], columns)
         item = self.side("item", m["item"], columns)
@@ -542,14 +549,9 @@ class _Parser:
     def retrieval_evaluation(self, raw) -> RetrievalEvaluation:
         m = self.mapping(raw, "evaluation", field_names(RetrievalEvaluation))
 
-        def get(key):
-            return m.get(key, default(RetrievalEvaluation, key))
-
-        ks = get("k")
-        if not isinstance(ks, (list, tuple)) or not ks:
-            self.fail("evaluation.k", f"expected a list of cut-offs, got {ks!r}")
+        get = with_defaults(m, RetrievalEvaluation)
         return RetrievalEvaluation(
-            k=tuple(self.integer(k, f"evaluation.k[{i}]", 1, 10_000) for i, k in enumerate(ks)),
+            k=self.integer_list(get("k"), "evaluation.k", "a list of cut-offs", 1, 10_000),
             users=self.optional_integer(get("users"), "evaluation.users"),
             validation_users=self.integer(get("validation_users"), "evaluation.validation_users", 0),
             validation_holdout=self.optional_integer(
@@ -560,8 +562,7 @@ class _Parser:
     def retrieval_training(self, raw) -> RetrievalTraining:
         t = self.mapping(raw, "training", field_names(RetrievalTraining))
 
-        def get(key):
-            return t.get(key, default(RetrievalTraining, key))
+        get = with_defaults(t, RetrievalTraining)
 
         models = get("models")
         models = self.string_list(list(models) if isinstance(models, tuple) else models, "training.models")

@@ -24,7 +24,6 @@ faiss-cpu's bundled OpenBLAS may pick a slow kernel on some CPUs; set `OPENBLAS_
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import time
@@ -34,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from trainer.tables import EmbeddingTable
+from schemas import layout
+from trainer.tables import EmbeddingTable, unit_rows
 
 _LOG = logging.getLogger(__name__)
 METRICS = ("cosine", "dot")
@@ -87,8 +87,7 @@ class HnswIndex:
         sha = table.manifest["files"]["vectors"]["sha256"]
         wanted = {"metric": metric, "vectors_sha256": sha, "m": params.m, "ef_construction": params.ef_construction}
         if tf.io.gfile.exists(path + ".json"):
-            with tf.io.gfile.GFile(path + ".json") as f:
-                info = json.load(f)
+            info = layout.read_json(path + ".json")
             if all(info.get(k) == v for k, v in wanted.items()):
                 with tf.io.gfile.GFile(path, "rb") as f:
                     index = _faiss().deserialize_index(np.frombuffer(f.read(), np.uint8))
@@ -108,20 +107,47 @@ class HnswIndex:
         info["k"], info[f"recall@{RECALL_K}"] = RECALL_K, round(made.recall(vectors, RECALL_K), 4)
         # each file to a temporary name, then renamed: a reader sees a whole index or the old one;
         # the .json last, so it only ever describes an index that is in place
-        for target, content in (
-            (path, faiss.serialize_index(index).tobytes()),
-            (path + ".json", (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()),
-        ):
-            temp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with tf.io.gfile.GFile(temp, "wb") as f:
-                f.write(content)
-            tf.io.gfile.rename(temp, target, overwrite=True)
+        temp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with tf.io.gfile.GFile(temp, "wb") as f:
+            f.write(faiss.serialize_index(index).tobytes())
+        tf.io.gfile.rename(temp, path, overwrite=True)
+        layout.write_json_atomically(path + ".json", info)
         _LOG.info("ann: %s in %.0fs, recall@%d %.3f", path, built, RECALL_K, info[f"recall@{RECALL_K}"])
         return made
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 [n, k], rows int64 [n, k]) of the k best rows of each query (-1: none)."""
         return self.index.search(np.ascontiguousarray(queries, np.float32), k)
+
+    def search_excluding(
+        self, queries: np.ndarray, excluded: tf.RaggedTensor, k: int, extra: int, exact
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k best rows of each query with its `excluded` rows left out.
+
+        Asks the index for k + `extra` candidates and drops the excluded ones; a query left with
+        fewer than k gets `exact(positions)` instead.
+
+        Args:
+            queries: float32 [n, dim].
+            excluded: int64 ragged [n, (m)], rows to leave out of each query's answer.
+            k: rows per query.
+            extra: candidates asked for beyond k (how many exclusions are expected).
+            exact: positions of queries (int64 [s]) -> (rows [s, k], scores [s, k]) exactly.
+
+        Returns:
+            (rows int64 [n, k], scores float32 [n, k]), best first.
+        """
+        scores, top = self.search(queries, k + extra)
+        # one int64 key per (query, row): a candidate is dropped when its key is excluded
+        width = np.int64(self.info["rows"] + 1)
+        excluded_keys = excluded.value_rowids().numpy() * width + excluded.flat_values.numpy()
+        drop = np.isin(np.arange(len(top), dtype=np.int64)[:, None] * width + top, excluded_keys) | (top < 0)
+        order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept candidates first, in score order
+        rows, best = np.take_along_axis(top, order, 1), np.take_along_axis(scores, order, 1)
+        short = np.flatnonzero((~drop).sum(axis=1) < k)
+        if len(short):
+            rows[short], best[short] = exact(short)
+        return rows, best
 
     def recall(self, vectors: np.ndarray, k: int, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
         """The share of the exact top-k that `search` finds, for `sample` rows of `vectors` as queries."""
@@ -144,7 +170,5 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
 
 
 def _rows(table: EmbeddingTable, metric: str) -> np.ndarray:
-    vectors = np.ascontiguousarray(table.vectors[: table.real_rows], np.float32)
-    if metric == "cosine":
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return vectors
+    vectors = table.vectors[: table.real_rows]
+    return np.ascontiguousarray(unit_rows(vectors) if metric == "cosine" else vectors, np.float32)

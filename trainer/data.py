@@ -18,6 +18,29 @@ CACHE_EXPANSION = 6
 READ_CYCLE = 4  # shards read at once
 
 
+def record_files(pattern: str) -> list[str]:
+    """The split's shards, sorted; FileNotFoundError when there are none."""
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {pattern!r}; run `embedpipe preprocess` first")
+    return files
+
+
+def read_records(files: list[str], *, shuffle: bool, seed: int) -> tf.data.Dataset:
+    """The serialized records of gzip TFRecord `files`, `READ_CYCLE` shards read in parallel
+    (deterministically interleaved); with `shuffle`, the shards in a random order by `seed`,
+    anew each epoch."""
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+        cycle_length=min(READ_CYCLE, len(files)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+
+
 def make_dataset(
     file_pattern: str,
     feature_spec: dict,
@@ -51,18 +74,8 @@ def make_dataset(
     Raises:
         FileNotFoundError: no file matches `file_pattern`.
     """
-    files = sorted(tf.io.gfile.glob(file_pattern))
-    if not files:
-        raise FileNotFoundError(f"no transformed examples match {file_pattern!r}; run `embedpipe preprocess` first")
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
-        cycle_length=min(READ_CYCLE, len(files)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    files = record_files(file_pattern)
+    ds = read_records(files, shuffle=shuffle, seed=seed)
     if sum(tf.io.gfile.stat(f).length for f in files) * CACHE_EXPANSION <= cache_max_bytes:
         ds = ds.cache()
     if shuffle:

@@ -78,7 +78,8 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
     id_counts = layout.read_id_counts(output_dir)
     run = read_manifest(output_dir)
     specs = {spec.name: spec for spec in table_specs(config, tft_output)}
-    trained, model_path, model = _trained_tables(config, output_dir, run, specs, tft_output)
+    keys = {name: table_keys(spec, tft_output) for name, spec in specs.items()}  # read once: 500k items
+    trained, model_path, model = _trained_tables(config, output_dir, run, specs, keys)
     source = {
         "output_dir": os.path.abspath(output_dir) if "://" not in output_dir else output_dir,
         "config": run.get("preprocess", {}).get("config", {}),
@@ -88,25 +89,23 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
     tables = {}
     for spec in specs.values():
         vectors = trained[spec.name].astype(np.float32)
-        keys = table_keys(spec, tft_output)
-        if vectors.shape != (spec.rows, spec.dim) or len(keys) != spec.rows:
+        if vectors.shape != (spec.rows, spec.dim) or len(keys[spec.name]) != spec.rows:
             raise RuntimeError(
                 f"table {spec.name}: model has {vectors.shape}, transform says {spec.rows}x{spec.dim}, "
-                f"{len(keys)} keys; was the model trained on this preprocess output?"
+                f"{len(keys[spec.name])} keys; was the model trained on this preprocess output?"
             )
         counts = id_counts.get(spec.name, {})
         frequency = np.array([counts.get(str(i), 0) for i in range(spec.rows)], dtype=np.int64)
         path = layout.table_dir(output_dir, spec.name)
-        table_labels = [labels.get(k, "") for k in keys] if labels and spec.name == "item" else None
-        tables[spec.name] = write_table(path, spec, keys, vectors, frequency, source, table_labels)
+        table_labels = [labels.get(k, "") for k in keys[spec.name]] if labels and spec.name == "item" else None
+        tables[spec.name] = write_table(path, spec, keys[spec.name], vectors, frequency, source, table_labels)
         _LOG.info("export: %s %dx%d -> %s", spec.name, spec.rows, spec.dim, path)
     extra = {}
     if isinstance(config, CollaborativeConfig):
         item = specs[config.item.name]
         extra["recommender"] = recommender.write_recommender(
-            layout.export_dir(output_dir), model, run["train"]["best_model"], item, table_keys(item, tft_output),
-            config.max_history,
-        )  # fmt: skip
+            layout.export_dir(output_dir), model, run["train"]["best_model"], item, keys[item.name], config.max_history
+        )
         _LOG.info("export: recommender (%s) -> %s", extra["recommender"]["model"], layout.export_dir(output_dir))
     elapsed = time.time() - started
     section = {
@@ -119,7 +118,7 @@ def export(config: Config | CollaborativeConfig, output_dir: str) -> dict:
     return section
 
 
-def _trained_tables(config, output_dir: str, run: dict, specs: dict, tft_output) -> tuple[dict, str, object]:
+def _trained_tables(config, output_dir: str, run: dict, specs: dict, keys: dict) -> tuple[dict, str, object]:
     """({table name: matrix}, model path, model) of the trained model (the best one of a
     collaborative run, whose user table is computed here: `trainer.recommender.user_vectors`)."""
     if isinstance(config, CollaborativeConfig):
@@ -134,7 +133,7 @@ def _trained_tables(config, output_dir: str, run: dict, specs: dict, tft_output)
             users=users.rows,
         )  # fmt: skip
         vectors = recommender.user_vectors(
-            model, histories, users, table_keys(users, tft_output), table_keys(items, tft_output), config.max_history,
+            model, histories, users, keys[users.name], keys[items.name], config.max_history,
             layout.histories_path(layout.export_dir(output_dir)),
         )  # fmt: skip
         return {config.user.name: vectors, config.item.name: model.tables()["item"]}, path, model

@@ -37,7 +37,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from trainer.tables import bad_vocabulary_key, escape_key
+from trainer.tables import bad_vocabulary_key, escape_key, unit_rows
 
 CHECKPOINT = "embedding.ckpt"
 CHECKPOINT_FILES = {
@@ -100,10 +100,7 @@ class TableModule(tf.Module):
         self.real_rows = len(keys) - oov_rows
         self.vectors = tf.Variable(vectors, trainable=False, name="vectors")
         # unit-length real rows, stored rather than recomputed on every `neighbors` call
-        real = vectors[: self.real_rows].astype(np.float32)
-        self.unit = tf.Variable(
-            real / np.maximum(np.linalg.norm(real, axis=1, keepdims=True), 1e-12), trainable=False, name="unit"
-        )
+        self.unit = tf.Variable(unit_rows(vectors[: self.real_rows]), trainable=False, name="unit")
         self.keys = tf.Variable(keys, trainable=False, dtype=tf.string, name="keys")
         if kind in ("vocabulary", "identity", "bucket"):
             known = keys[: vocabulary_size if kind == "vocabulary" else self.real_rows]

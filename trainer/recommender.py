@@ -34,7 +34,6 @@ For a user of the table, `query(their histories.parquet items)` is their exporte
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -103,18 +102,15 @@ def user_vectors(
             if not len(user):
                 continue
             if not learned:
-                lengths = items.row_lengths()
-                rows = tf.range(tf.shape(lengths, out_type=tf.int64)[0])
-                vectors[user] = model.history_query(sequences.windows(items, lengths, rows, max_history)).numpy()
-            flat = pc.take(item_keys_array, pa.array(items.flat_values.numpy()))
+                vectors[user] = model.history_query(sequences.newest(items, max_history)).numpy()
+            flat = pa.array(items.flat_values.numpy().astype(np.int32))
             offsets = pa.array(items.row_splits.numpy().astype(np.int32))
-            rows_flat = pa.array(items.flat_values.numpy().astype(np.int32))
             writer.write_table(
                 pa.table(
                     {
                         "user": pa.array(user_keys_array[user], pa.string()),
-                        "items": pa.ListArray.from_arrays(offsets, flat),
-                        "rows": pa.ListArray.from_arrays(offsets, rows_flat),
+                        "items": pa.ListArray.from_arrays(offsets, pc.take(item_keys_array, flat)),
+                        "rows": pa.ListArray.from_arrays(offsets, flat),
                     },
                     schema=_HISTORIES_SCHEMA,
                 )
@@ -213,8 +209,7 @@ def write_recommender(
             }
         },
     }
-    with tf.io.gfile.GFile(os.path.join(path, MANIFEST), "w") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    layout.write_json_atomically(os.path.join(path, MANIFEST), manifest)
     return manifest
 
 
@@ -312,7 +307,10 @@ def recommend_all(export_directory: str, k: int, path: str | None = None, index=
                 if index is None:
                     top, scores = ranker(query, seen, k)
                 else:
-                    top, scores = _approximate(index, ranker, query, seen, k)
+                    extra = int(min(seen.row_lengths().numpy().max(initial=0), APPROXIMATE_SEEN))
+                    top, scores = index.search_excluding(
+                        query, seen, k, extra, lambda short, q=query, s=seen: ranker(q[short], tf.gather(s, short), k)
+                    )
                 parts.append((keys, top, scores.astype(np.float32)))
                 progress.add(len(keys))
                 if sum(len(p[0]) for p in parts) >= WRITE_USERS:  # row groups of ~WRITE_USERS users
@@ -328,25 +326,6 @@ def recommend_all(export_directory: str, k: int, path: str | None = None, index=
         "seconds": round(seconds, 1),
         "approximate": index is not None,
     }
-
-
-def _approximate(index, ranker: TopK, query: np.ndarray, seen: tf.RaggedTensor, k: int):
-    """(rows, scores) [b, k] from the approximate index, each user's seen items left out."""
-    lengths = seen.row_lengths().numpy()
-    wanted = k + int(min(lengths.max(initial=0), APPROXIMATE_SEEN))
-    scores, top = index.search(query, wanted)
-    # one int64 key per (user of the block, item): a candidate is dropped when its key was seen
-    items = np.int64(ranker.rows)
-    seen_keys = seen.value_rowids().numpy() * items + seen.flat_values.numpy()
-    candidate_keys = np.arange(len(top), dtype=np.int64)[:, None] * items + top
-    drop = np.isin(candidate_keys, seen_keys) | (top < 0)
-    order = np.argsort(drop, axis=1, kind="stable")[:, :k]  # kept candidates first, in score order
-    rows, best = np.take_along_axis(top, order, 1), np.take_along_axis(scores, order, 1)
-    short = np.flatnonzero((~drop).sum(axis=1) < k)
-    if len(short):
-        exact_rows, exact_scores = ranker(query[short], tf.gather(seen, short), k)
-        rows[short], best[short] = exact_rows, exact_scores
-    return rows, best
 
 
 def _recommendations(parts: list, item_keys: np.ndarray) -> pa.Table:

@@ -65,7 +65,7 @@ from trainer import sequences
 from trainer.model import set_rows
 from trainer.ranking import PopularityTopK, RankingMetrics, TopK, block_users
 from trainer.sparse import SparseAwareOptimizer, SparseEmbedding
-from trainer.tables import load_source, match_rows
+from trainer.tables import load_source, match_rows, unit_rows
 
 _LOG = logging.getLogger(__name__)
 STEPS_PER_CALL = 50  # training steps per call into TensorFlow (progress is logged between calls)
@@ -540,8 +540,7 @@ def evaluate(
     neighbours, hits = {}, {}
     if more_like_this:
         for name, m in models.items():
-            table = _weights(m.item_table)[:vocab]
-            unit = table / np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-12)
+            unit = unit_rows(_weights(m.item_table)[:vocab])
             neighbours[name], hits[name] = (TopK(unit), unit), RankingMetrics(ks)
     progress = Progress(_LOG, what, unit="users")
     for block in blocks:

@@ -28,18 +28,11 @@ import numpy as np
 import tensorflow as tf
 
 from schemas.features import WEIGHTS, transformed_sequence_spec
+from trainer.data import read_records, record_files
 
 # Entries of a pool's history matrix [pairs, max_history] (int64): bounds a pool's memory (128 MB).
 MAX_POOL_ENTRIES = 16 << 20
 _GOLDEN = 2654435761  # Knuth's multiplicative hash: users -> a deterministic uniform sample
-
-
-def record_files(pattern: str) -> list[str]:
-    """The split's shards, sorted; FileNotFoundError when there are none."""
-    files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no transformed examples match {pattern!r}; run `embedpipe preprocess` first")
-    return files
 
 
 def sampled(user: tf.Tensor, share: float, salt: int) -> tf.Tensor:
@@ -63,18 +56,6 @@ class Validation:
         if self.share <= 0:
             return tf.zeros_like(user, tf.bool)
         return (last == 1) & (targets > self.holdout) & sampled(user, self.share, salt=1)
-
-
-def _records(files: list[str], *, shuffle: bool, seed: int, cycle: int = 4) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed)
-    return ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
-        cycle_length=min(cycle, len(files)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
 
 
 def _parse(serialized: tf.Tensor, weighted: bool) -> dict:
@@ -153,7 +134,7 @@ def training_pairs(
     """
     pool_pairs = max(batch_size, min(pool_pairs, MAX_POOL_ENTRIES // max(history, 1)))
     pool_records = max(1, int(pool_pairs / max(mean_pairs, 1.0)))
-    records = _records(record_files(pattern), shuffle=True, seed=seed + epoch)
+    records = read_records(record_files(pattern), shuffle=True, seed=seed + epoch)
     records = records.shuffle(4 * pool_records, seed=seed + epoch, reshuffle_each_iteration=False)
     pools = records.batch(pool_records).map(lambda s: _parse(s, weighted), num_parallel_calls=tf.data.AUTOTUNE)
     pools = pools.enumerate().map(
@@ -201,15 +182,20 @@ def _selected_users(pattern: str, select, block_users: int) -> tf.data.Dataset:
             for k, v in records.items()
         }
 
-    records = _records(record_files(pattern), shuffle=False, seed=0).batch(PARSE_RECORDS)
+    records = read_records(record_files(pattern), shuffle=False, seed=0).batch(PARSE_RECORDS)
     records = records.map(keep, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     return records.batch(block_users)
 
 
-def _block(items: tf.RaggedTensor, user: tf.Tensor, targets: tf.RaggedTensor, history: int) -> dict:
+def newest(items: tf.RaggedTensor, history: int) -> tf.Tensor:
+    """int64 [records, H]: the last `history` items of each record, right-aligned (`windows` at
+    each record's end)."""
     lengths = items.row_lengths()
-    rows = tf.range(tf.shape(lengths, out_type=tf.int64)[0])
-    return {"user": user, "history": windows(items, lengths, rows, history), "seen": items, "targets": targets}
+    return windows(items, lengths, tf.range(tf.shape(lengths, out_type=tf.int64)[0]), history)
+
+
+def _block(items: tf.RaggedTensor, user: tf.Tensor, targets: tf.RaggedTensor, history: int) -> dict:
+    return {"user": user, "history": newest(items, history), "seen": items, "targets": targets}
 
 
 def eval_blocks(pattern: str, *, history: int, block_users: int, share: float = 1.0) -> tf.data.Dataset:
@@ -219,7 +205,7 @@ def eval_blocks(pattern: str, *, history: int, block_users: int, share: float = 
         A dataset of blocks (shapes in the module docstring).
     """
     if share >= 1:  # every user: no filtering, so no unbatching
-        records = _records(record_files(pattern), shuffle=False, seed=0).batch(block_users)
+        records = read_records(record_files(pattern), shuffle=False, seed=0).batch(block_users)
         records = records.map(lambda s: _parse(s, weighted=False), num_parallel_calls=tf.data.AUTOTUNE)
     else:
         records = _selected_users(pattern, lambda r: sampled(r["user"], share, salt=2), block_users)
@@ -273,5 +259,5 @@ def user_histories(train_pattern: str, eval_pattern: str, *, users: int) -> Iter
 
 
 def _parsed(pattern: str) -> Iterator[dict]:
-    records = _records(record_files(pattern), shuffle=False, seed=0).batch(PARSE_RECORDS)
+    records = read_records(record_files(pattern), shuffle=False, seed=0).batch(PARSE_RECORDS)
     yield from records.map(lambda s: _parse(s, weighted=False), num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)

@@ -89,6 +89,12 @@ def bad_vocabulary_key(keys: list[str]) -> str | None:
     return next((k for k in keys if not k or "\n" in k or "\r" in k), None)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """float32 [rows, dim] scaled to unit length (cosine = dot product); a zero row stays zero."""
+    vectors = np.asarray(vectors, np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def sha256_file(path: str) -> str:
     """The hex sha256 of a file (any filesystem TensorFlow reads), read in 1 MiB blocks."""
     digest = hashlib.sha256()

@@ -100,13 +100,14 @@ def train_matrix(config, out: str):
     from schemas import layout
     from schemas.features import transformed_sequence_spec
     from schemas.tables import table_specs
-    from trainer import retrieval, sequences
+    from trainer import data as data_input
+    from trainer import retrieval
 
     specs = {s.name: s for s in table_specs(config, tft.TFTransformOutput(layout.transform_dir(out)))}
     data = retrieval.Data(config, out, specs)
     users, items, values = [], [], []
     weighted = config.weight is not None
-    for batch in tf.data.TFRecordDataset(sequences.record_files(data.train), compression_type="GZIP").batch(4096):
+    for batch in tf.data.TFRecordDataset(data_input.record_files(data.train), compression_type="GZIP").batch(4096):
         records = tf.io.parse_example(batch, transformed_sequence_spec(weighted))
         ragged = records["items"]
         positions = tf.ragged.range(ragged.row_lengths()).flat_values

@@ -45,16 +45,22 @@ def split(interactions: str, out: str, test: int) -> tuple[str, str]:
     table = pq.read_table(interactions)
     table = table.take(pc.sort_indices(table, [("user", "ascending"), ("ts", "ascending"), ("item", "ascending")]))
     users = table.column("user").to_numpy(zero_copy_only=False)
-    change = np.flatnonzero(users[1:] != users[:-1]) + 1
-    begin = np.concatenate([[0], change])
-    end = np.concatenate([change, [len(users)]])
-    from_end = np.repeat(end, end - begin) - np.arange(len(users))  # 1 = the user's newest
-    is_test = from_end <= test
+    is_test = _from_end(users) < test
     paths = os.path.join(out, "train.parquet"), os.path.join(out, "test.parquet")
     pq.write_table(table.filter(pa.array(~is_test)), paths[0], row_group_size=65_536)
     pq.write_table(table.filter(pa.array(is_test)), paths[1])
-    print(f"split: {int((~is_test).sum())} train, {int(is_test.sum())} test interactions, {len(begin)} users")
+    print(
+        f"split: {int((~is_test).sum())} train, {int(is_test.sum())} test interactions, {len(np.unique(users))} users"
+    )
     return paths
+
+
+def _from_end(users: np.ndarray) -> np.ndarray:
+    """Each row's position from the end of its user's run of rows (0 = the newest), for rows
+    sorted by user, then time."""
+    change = np.flatnonzero(users[1:] != users[:-1]) + 1
+    begin, end = np.concatenate([[0], change]), np.concatenate([change, [len(users)]])
+    return np.repeat(end, end - begin) - np.arange(len(users)) - 1
 
 
 def embedpipe(*args: str) -> float:
@@ -84,7 +90,8 @@ def score(recommended: dict[str, list[str]], test: pa.Table) -> dict:
 def references(train: pa.Table, test: pa.Table) -> dict:
     """Popularity and EASE (recency-weighted rows, best of the grid on this test file) from the train file."""
     sys.path.insert(0, os.path.dirname(__file__))
-    from bench_collaborative import EASE_LAMBDAS, EASE_TAUS, GRID
+    import scipy.sparse as sp
+    from bench_collaborative import EASE_LAMBDAS, EASE_TAUS, GRID, fit_ease
 
     users = train.column("user").to_numpy(zero_copy_only=False)
     items = train.column("item").to_numpy(zero_copy_only=False)
@@ -98,19 +105,11 @@ def references(train: pa.Table, test: pa.Table) -> dict:
     popularity = binary.sum(0)
     scores = np.where(binary[wanted_rows] > 0, -np.inf, popularity[None, :])
     out["popularity"] = score(_top(scores, wanted_users, item_keys), test)
-    # recency: the train file is in time order per user (split() wrote it sorted)
-    from_end = np.zeros(len(users))
-    change = np.flatnonzero(users[1:] != users[:-1]) + 1
-    begin, end = np.concatenate([[0], change]), np.concatenate([change, [len(users)]])
-    from_end = np.repeat(end, end - begin) - np.arange(len(users)) - 1
-    gram = binary.T @ binary
+    from_end = _from_end(users)  # the train file is in time order per user (split() wrote it sorted)
+    matrix = sp.csr_matrix(binary)
     best = binary_best = None
     for lam in EASE_LAMBDAS:
-        g = gram.copy()
-        g[np.diag_indices_from(g)] += lam
-        p = np.linalg.inv(g)
-        b = -p / np.diag(p)[None, :]
-        b[np.diag_indices_from(b)] = 0.0
+        b = fit_ease(matrix, lam)
         for tau in EASE_TAUS:
             rows = binary if tau is None else np.zeros_like(binary)
             if tau is not None:
