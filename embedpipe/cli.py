@@ -1,6 +1,6 @@
 """The `embedpipe` command: parses the flags, then runs the command, importing it only then.
 
-    embedpipe run                                   # bundled taxi sample, DirectRunner
+    embedpipe run                                   # the bundled flights sample, DirectRunner
     embedpipe COMMAND --help                        # the command's flags, at once
 
 The commands are `embedpipe.stages` (run, preprocess, train, export, publish) and

@@ -27,7 +27,9 @@ from trainer.tables import load_table
 def example_data(argv: list[str] | None = None) -> str:
     """`embedpipe example-data`: writes an example dataset; returns the path of its main file."""
     args, _ = cli_args.parse("example-data", argv)
-    path = datasets.write_example(args.dataset, args.output, args.format)
+    if args.sample is not None and args.dataset != "flights":
+        cli_args.example_data_parser().error("--sample is for the flights example")
+    path = datasets.write_example(args.dataset, args.output, args.format, args.sample)
     print(f"wrote {path}")
     return path
 

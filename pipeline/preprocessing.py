@@ -72,6 +72,8 @@ def _label(config: Config, y: tf.Tensor) -> tf.Tensor:
     if task == "binary":
         if config.label.positive is not None:
             return tf.cast(tf.equal(_as_string(y), config.label.positive), tf.int64)
+        if config.label.threshold is not None:
+            return tf.cast(tf.cast(y, tf.float64) >= config.label.threshold, tf.int64)
         return tf.cast(tf.not_equal(y, 0), tf.int64)
     # One OOV class (index = number of classes seen in training) for classes only eval has.
     return tft.compute_and_apply_vocabulary(

@@ -134,8 +134,9 @@ class RawRows:
 
 
 def canonical_schema(config: Config) -> pa.Schema:
-    """The canonical batch's schema: each input column a large_list of one int64, float32 or binary."""
-    return pa.schema([(c, pa.large_list(ARROW_TYPES[t])) for c, t in config.input.columns.items()])
+    """The canonical batch's schema: each used input column (`used_columns`) a large_list of one
+    int64, float32 or binary value."""
+    return pa.schema([(c, pa.large_list(ARROW_TYPES[t])) for c, t in config.used_columns.items()])
 
 
 def parse_and_validate(raw: RawRows, config: DatasetConfig) -> tuple[pa.RecordBatch, list[DeadLetter]]:
@@ -286,12 +287,12 @@ def check_input_file(f, config: DatasetConfig, source: str) -> None:
 
 
 def check_parquet_schema(schema: pa.Schema, config: DatasetConfig, source: str) -> None:
-    """Raises InputError unless a Parquet file has every configured column, each a plain value
-    (not a list, struct or map), so that a bad value can only ever reject its own row."""
+    """Raises InputError unless a Parquet file has every configured column, each used one a plain
+    value (not a list, struct or map), so that a bad value can only ever reject its own row."""
     missing = [c for c in config.raw_columns if c not in schema.names]
     if missing:
         raise InputError(f"{source}: columns {missing} declared in {config.source} are not in the data")
-    for col in config.raw_columns:
+    for col in config.used_columns:
         kind = schema.field(col).type
         if pa.types.is_dictionary(kind):
             kind = kind.value_type
@@ -346,9 +347,10 @@ def validate_batch(batch: pa.RecordBatch, config: Config, source: str) -> tuple[
     """Type, null-check and fill one batch; returns (canonical batch of good rows, dead letters).
 
     `batch` holds the configured columns either as strings (from CSV) or already typed (from
-    Parquet). A row is rejected for a value longer than `input.max_field_bytes`, else for the
-    first column, in config order, that is missing without a default or that does not parse as
-    its declared type. The dead letters hold the row's values (`parse_and_validate` gives CSV
+    Parquet). Only the used columns (`DatasetConfig.used_columns`) are looked at: a row is
+    rejected for a value longer than `input.max_field_bytes`, else for the first used column,
+    in config order, that is missing without a default or that does not parse as its declared
+    type. The dead letters hold the row's values, every column's (`parse_and_validate` gives CSV
     rows their raw line instead).
     """
     good, rejects = _validate(batch, config)
@@ -360,9 +362,10 @@ def _validate(batch: pa.RecordBatch, config: DatasetConfig) -> tuple[pa.RecordBa
     checked once before the job (`check_input_file`)."""
     n = batch.num_rows
     limit = config.input.max_field_bytes
+    used = config.used_columns  # the other columns are never parsed: they cannot reject a row
     reasons = np.full(n, "", dtype=object)
     columns = np.full(n, "", dtype=object)
-    for col in config.input.columns:
+    for col in used:
         arr = batch.column(col)
         if pa.types.is_dictionary(arr.type):
             arr = arr.dictionary_decode()
@@ -370,7 +373,7 @@ def _validate(batch: pa.RecordBatch, config: DatasetConfig) -> tuple[pa.RecordBa
             too_long = pc.fill_null(pc.greater(pc.binary_length(arr), limit), False)
             _mark(reasons, columns, too_long.to_numpy(zero_copy_only=False), OVERSIZED_FIELD, col)
     values = {}
-    for col, kind in config.input.columns.items():
+    for col, kind in used.items():
         arr, bad = _convert(batch.column(col), kind)
         _mark(reasons, columns, bad, BAD_INT if kind == "int" else BAD_FLOAT, col)
         if col in config.input.defaults:
@@ -382,7 +385,7 @@ def _validate(batch: pa.RecordBatch, config: DatasetConfig) -> tuple[pa.RecordBa
         (i, reasons[i], _detail(batch, i, reasons[i], columns[i], limit)) for i in np.flatnonzero(rejected).tolist()
     ]
     keep = pa.array(~rejected)
-    canonical = [_one_value_lists(values[col].filter(keep)) for col in config.input.columns]
+    canonical = [_one_value_lists(values[col].filter(keep)) for col in used]
     return pa.RecordBatch.from_arrays(canonical, schema=canonical_schema(config)), rejects
 
 
@@ -468,7 +471,7 @@ def eval_mask(batch: pa.RecordBatch, config: Config) -> np.ndarray:
     columns joined with the config's salt, so a row's split never depends on batching, worker
     count or run.
     """
-    keys = config.split.key or tuple(config.raw_columns)
+    keys = config.split.key or tuple(config.used_columns)
     parts = [pc.cast(pc.list_flatten(batch.column(k)), pa.string()) for k in keys]
     joined = pc.binary_join_element_wise(*parts, pa.scalar(config.split.salt), "\x1f")
     buckets = tf.strings.to_hash_bucket_fast(joined.to_numpy(zero_copy_only=False).astype(object), 100).numpy()

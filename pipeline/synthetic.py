@@ -247,5 +247,17 @@ def write_input_table(table: pa.Table, path: str) -> None:
     """Writes an example input file as the format its extension names (`.parquet` or `.csv`)."""
     if path.endswith(".parquet"):
         pq.write_table(table, path, row_group_size=PARQUET_ROW_GROUP_ROWS)
-    else:
+        return
+    # Values are quoted only when some value needs it (a delimiter, quote or line break): a plain
+    # file is easier to read, and so are its dead-letter rows.
+    special = any(
+        pc.any(pc.match_substring_regex(column, '[,"\\r\\n]')).as_py()
+        for column in table.columns
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    )
+    if special:
         pacsv.write_csv(table, path)
+        return
+    with open(path, "wb") as f:  # pyarrow quotes the header's names even with quoting_style "none"
+        f.write((",".join(table.column_names) + "\n").encode())
+        pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style="none"))

@@ -76,18 +76,25 @@ class InputConfig:
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """What the supervised model predicts: a column and the task (`loss` for regressions)."""
+    """What the supervised model predicts: a column and the task (`loss` for regressions).
+
+    A binary label is 1 where a string column equals `positive`, where a numeric column is at
+    least `threshold` (e.g. an arrival delay of 15 minutes or more), or else where a numeric
+    column is non-zero.
+    """
 
     column: str
     task: str
     positive: str | None = None
+    threshold: float | None = None
     loss: str | None = None
 
 
 @dataclass(frozen=True)
 class SplitConfig:
     """Deterministic train/eval split: a row goes to eval when a fingerprint of its `key`
-    columns (all input columns when empty) falls in the first `eval_percent` of 100 buckets."""
+    columns (every used input column when empty, see `DatasetConfig.used_columns`) falls in the
+    first `eval_percent` of 100 buckets."""
 
     eval_percent: int = 20
     key: tuple[str, ...] = ()
@@ -195,6 +202,22 @@ class DatasetConfig:
         """The input columns, in file order."""
         return list(self.input.columns)
 
+    @property
+    def used_columns(self) -> dict[str, str]:
+        """{column: type} of the input columns that something reads, in file order.
+
+        Only these are parsed, validated (a missing, malformed or oversized value dead-letters
+        its row) and handed to tf.Transform; the other declared columns are checked by the
+        header alone (a CSV header or a Parquet schema must name them) and never decide
+        whether a row is kept. A column with a declared default counts as read.
+        """
+        read = self.read_columns() | set(self.input.defaults)
+        return {c: t for c, t in self.input.columns.items() if c in read}
+
+    def read_columns(self) -> set[str]:
+        """The input columns this kind of config reads (its subclass says which)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class DriftLimits:
@@ -223,8 +246,15 @@ class Config(DatasetConfig):
 
     @property
     def feature_columns(self) -> list[str]:
-        """Raw columns the model reads at serving time (every input column but the label)."""
-        return [c for c in self.input.columns if c != self.label.column]
+        """Raw columns the model reads at serving time (every used input column but the label)."""
+        return [c for c in self.used_columns if c != self.label.column]
+
+    def read_columns(self) -> set[str]:
+        """The label, every feature's and cross's columns, the numeric columns and the split key."""
+        read = {self.label.column, *self.split.key}
+        read.update(c for f in self.categorical for c in f.columns)
+        read.update(n.column for n in self.numeric)
+        return read
 
     @property
     def tables(self) -> list[str]:
@@ -325,3 +355,7 @@ class CollaborativeConfig(DatasetConfig):
     @property
     def tables(self) -> list[str]:
         return [self.user.name, self.item.name]
+
+    def read_columns(self) -> set[str]:
+        """The user, item and timestamp columns, and the weight column when configured."""
+        return {self.user.column, self.item.column, self.timestamp} | ({self.weight} if self.weight else set())

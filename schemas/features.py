@@ -3,7 +3,7 @@
 The Beam job parses and transforms with these specs, the trainer parses the examples it wrote
 with them, and serving takes the raw spec; TensorFlow only (no Beam, no Keras).
 
-* supervised: one raw column per `input.columns` entry (`raw_feature_spec`); the transformed
+* supervised: one raw column per used `input.columns` entry (`raw_feature_spec`); the transformed
   spec comes from the transform output itself (`TFTransformOutput.transformed_feature_spec()`),
   with the label under `LABEL_KEY`;
 * collaborative: one record per user and split (`sequence_feature_spec`; after the transform,
@@ -50,10 +50,11 @@ MAX_RECORD_ITEMS = 10_000
 
 
 def raw_feature_spec(config: Config, include_label: bool = True) -> dict[str, tf.io.FixedLenFeature]:
-    """{column: FixedLenFeature([], dtype)} of the raw input columns (serving: `include_label=False`)."""
+    """{column: FixedLenFeature([], dtype)} of the used raw input columns (`used_columns`;
+    serving: `include_label=False`)."""
     return {
         col: tf.io.FixedLenFeature([], TF_TYPES[kind])
-        for col, kind in config.input.columns.items()
+        for col, kind in config.used_columns.items()
         if include_label or col != config.label.column
     }
 

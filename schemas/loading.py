@@ -166,6 +166,11 @@ class _Parser:
             self.fail(where, f"expected a positive number, got {value!r}")
         return float(value)
 
+    def finite(self, value, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            self.fail(where, f"expected a number, got {value!r}")
+        return float(value)
+
     def fraction(self, value, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             self.fail(where, f"expected a number between 0 and 1, got {value!r}")
@@ -318,16 +323,24 @@ class _Parser:
         m = self.mapping(raw, "label", field_names(LabelConfig), required=("column", "task"))
         col = self.column(m["column"], "label.column", columns)
         task = self.string(m["task"], "label.task", TASKS)
-        positive = m.get("positive")
+        positive, threshold = m.get("positive"), m.get("threshold")
         if task == "binary":
+            if columns[col] == "string" and threshold is not None:
+                self.fail("label.threshold", f"column {col!r} is a string: name its positive value (label.positive)")
             if columns[col] == "string" and positive is None:
                 self.fail("label.positive", "a binary task on a string column needs the positive value")
             if columns[col] != "string" and positive is not None:
-                self.fail("label.positive", f"column {col!r} is numeric: its non-zero values are the positives")
+                self.fail(
+                    "label.positive",
+                    f"column {col!r} is numeric: its non-zero values are the positives (or set label.threshold)",
+                )
             if positive is not None:
                 positive = str(positive)
-        elif positive is not None:
-            self.fail("label.positive", "only a binary task takes a positive value")
+            if threshold is not None:
+                threshold = self.finite(threshold, "label.threshold")
+        elif positive is not None or threshold is not None:
+            field = "label.positive" if positive is not None else "label.threshold"
+            self.fail(field, f"only a binary task takes a {field.split('.')[1]}")
         loss = m.get("loss")
         if loss is not None:
             if task != "regression":
@@ -338,7 +351,11 @@ class _Parser:
         if task == "multiclass" and columns[col] == "float":
             self.fail("label.column", f"a multiclass label must be a string or int column, {col!r} is float")
         return LabelConfig(
-            column=col, task=task, positive=positive, loss=loss or ("mse" if task == "regression" else None)
+            column=col,
+            task=task,
+            positive=positive,
+            threshold=threshold,
+            loss=loss or ("mse" if task == "regression" else None),
         )
 
     def split(self, raw, columns) -> SplitConfig:

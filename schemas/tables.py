@@ -32,6 +32,7 @@ class TableSpec:
     dim: int
     vocabulary_size: int | None = None
     oov_rows: int = 0
+    separator: str | None = None  # a cross's: its keys are its columns' values joined with it
 
     def to_json_dict(self) -> dict:
         d = asdict(self)
@@ -78,7 +79,7 @@ def table_specs(config: Config | CollaborativeConfig, tft_output: tft.TFTransfor
         else:
             vocab, rows, oov = None, f.hash_buckets, 0
         dim = _source_dim(f.init_from.path) if f.init_from and f.dim == "auto" else f.embedding_dim(rows)
-        specs.append(TableSpec(f.name, f.type, f.columns, rows, dim, vocab, oov))
+        specs.append(TableSpec(f.name, f.type, f.columns, rows, dim, vocab, oov, f.separator if f.is_cross else None))
     for n in config.numeric:
         if n.bucketize:
             dim = auto_embedding_dim(n.bucketize) if n.bucket_dim == "auto" else int(n.bucket_dim)

@@ -24,7 +24,8 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
     assert (a.type, a.top_k, a.oov_buckets, a.dim) == ("vocabulary", 10, 1, "auto")
     assert cross.is_cross and cross.columns == ("a", "b") and cross.hash_buckets == 32
     assert config.input.path == str(tmp_path / "data.csv")
-    assert config.feature_columns == ["a", "b", "f"]
+    assert config.feature_columns == ["a", "b"]  # f is declared but read by nothing
+    assert config.used_columns == {"y": "float", "a": "string", "b": "int"}
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,13 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
         ),
         ("task: regression", "task: multiclass", "label.column: a multiclass label must be"),
         ("task: regression", "task: binary, positive: 1", "label.positive: column 'y' is numeric"),
+        ("task: regression", "task: regression, threshold: 15", "label.threshold: only a binary task takes"),
+        ("task: regression", "task: binary, threshold: fifteen", "label.threshold: expected a number"),
+        (
+            "{column: y, task: regression}",
+            "{column: a, task: binary, threshold: 1}",
+            "label.threshold: column 'a' is a",
+        ),
         ("hash_buckets: 32", "hash_buckets: 100000000000", "crosses.a_x_b.hash_buckets: expected an integer between"),
         (
             "a: {type: vocabulary, top_k: 10}",

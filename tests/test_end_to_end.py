@@ -89,17 +89,42 @@ def test_serving_model_takes_raw_features(run_dir):
     assert manifest["train"]["headline_metric"]["name"] == "mae"
 
 
-@pytest.mark.slow
+def _day_hour_cosines(table) -> tuple[float, float]:
+    """Mean cosine of (same hour, other day) pairs and of (same day, 6+ hours apart) pairs."""
+    cells = [(k.split(" x ")[0], int(k.split(" x ")[1]), table.vector(k)) for k in table.keys if " x " in k]
+    unit = np.array([v / np.linalg.norm(v) for _, _, v in cells])
+    cosine = unit @ unit.T
+    same_hour, far = [], []
+    for i, (day, hour, _) in enumerate(cells):
+        for j, (other_day, other_hour, _) in enumerate(cells):
+            if hour == other_hour and day != other_day:
+                same_hour.append(cosine[i, j])
+            elif day == other_day and abs(hour - other_hour) >= 6:
+                far.append(cosine[i, j])
+    return float(np.mean(same_hour)), float(np.mean(far))
+
+
 def test_bundled_sample_main_job(tmp_path, monkeypatch, capsys):
-    """`embedpipe run` with no arguments, as the README says (writes under the working dir)."""
+    """`embedpipe run` with no arguments, as the README says (writes under the working dir): the
+    day x hour table puts the same hour of other days together and far hours apart, the model
+    beats the numeric-only baseline, and the summary shows both and the report."""
     monkeypatch.chdir(tmp_path)
     assert cli.main(["run"]) == 0
-    out = capsys.readouterr().out
-    assert "10000 read" in out and "eval auc:" in out
-    latest = layout.latest(str(tmp_path / "embedpipe_output" / "taxi"))
-    manifest = json.load(open(os.path.join(latest, "manifest.json")))
-    assert manifest["train"]["headline_metric"]["value"] > 0.55
-    assert load_table(str(tmp_path / "embedpipe_output" / "taxi" / "LATEST" / "export" / "dow_x_hour")).dim == 4
+    out = capsys.readouterr().out.splitlines()
+    root = tmp_path / "embedpipe_output" / "departures"
+    manifest = json.load(open(os.path.join(layout.latest(str(root)), "manifest.json")))
+    counts = manifest["preprocess"]["rows"]
+    assert counts["read"] == 20000 and counts["train"] + counts["eval"] + counts["dead_letter"] == 20000
+    # the cancelled and diverted flights: no arrival delay, so no label
+    assert counts["dead_letter_by_reason"] == {rows.MISSING_VALUE: counts["dead_letter"]} and counts["dead_letter"]
+    model, baseline = manifest["train"]["headline_metric"], manifest["baseline"]["headline_metric"]
+    assert model["name"] == baseline["name"] == "auc" and model["value"] > baseline["value"] + 0.05
+    same_hour, far = _day_hour_cosines(load_table(str(root / "LATEST" / "export" / "dow_x_hour")))
+    assert same_hour - far > 0.3, (same_hour, far)
+    shown = out.index("  neighbours in dow_x_hour (cosine):")
+    assert [len(line.split(" ~ ")[1].split(", ")) for line in out[shown + 1 : shown + 3]] == [5, 5]
+    assert out[shown + 3].startswith(f"  eval auc: {model['value']:.4f}  vs. {baseline['value']:.4f}")
+    assert out[-1].startswith("  report:") and os.path.getsize(out[-1].split()[-1]) > 10_000
 
 
 def test_a_run_is_published_and_rerunning_its_id_is_idempotent(run_dir, capsys, tmp_path):

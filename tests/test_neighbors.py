@@ -112,3 +112,18 @@ def test_an_index_of_other_vectors_is_rebuilt(tmp_path):
     again = ann.HnswIndex.load_or_build(load_table(_write(tmp_path / "item", "item", vectors + 1, keys)), "dot")
     assert first.info["vectors_sha256"] != again.info["vectors_sha256"]
     assert json.load(open(tmp_path / "item" / "hnsw-dot.faiss.json"))["vectors_sha256"] == again.info["vectors_sha256"]
+
+
+def test_showcase_picks_the_most_frequent_key_then_the_least_like_it(tmp_path):
+    # Two groups of ten; the most frequent row is in group 0, the next most frequent rows too.
+    rng = np.random.default_rng(1)
+    group = np.repeat([0, 1], 10)
+    vectors = np.eye(2, 4)[group] * 4 + rng.normal(scale=0.3, size=(20, 4))
+    keys = [f"k{i}" for i in range(20)]
+    spec = TableSpec("t", "vocabulary", ("t",), 20, 4, 20, 0)
+    frequency = np.array([100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 1], np.int64)
+    table = load_table(write_table(str(tmp_path / "t"), spec, keys, vectors.astype(np.float32), frequency, {}))
+    shown = neighbors.showcase(table, count=2, k=3)
+    assert [key for key, _ in shown] == ["k0", "k10"]  # k10: the most frequent of the other group
+    assert all(group[int(k[1:])] == group[int(key[1:])] for key, near in shown for k, _, _ in near)
+    assert [len(near) for _, near in shown] == [3, 3]

@@ -63,6 +63,10 @@ class PreprocessingFnTest(tft_unit.TransformTestCase):
     @tft_unit.named_parameters(
         # binary on a string column: the positive value is 1, anything else 0
         dict(testcase_name="binary", label="{column: c, task: binary, positive: b}", expected=[0, 0, 1, 0], vocab={}),
+        # binary on a numeric column with a threshold: values at or above it are 1 (y is 1, 2, 3, 4)
+        dict(
+            testcase_name="threshold", label="{column: y, task: binary, threshold: 3}", expected=[0, 0, 1, 1], vocab={}
+        ),
         # multiclass: the class index is the row of the `label` vocabulary (most frequent first)
         dict(
             testcase_name="multiclass",

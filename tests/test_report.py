@@ -116,3 +116,20 @@ def test_pca_2d_finds_the_main_axes():
 def test_missing_run_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         report.write_report(str(tmp_path))
+
+
+def test_a_day_x_hour_table_is_coloured_by_hour(tmp_path):
+    keys = [f"{day} x {hour}" for day in ("Mon", "Tue") for hour in (5, 12, 23)] + ["<OOV 0>"]
+    spec = TableSpec("dow_x_hour", "vocabulary", ("dow", "hour"), 7, 2, 6, 1, separator=" x ")
+    vectors = np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32)
+    path = write_table(str(tmp_path / "t"), spec, keys, vectors, np.arange(7, 0, -1, dtype=np.int64), {})
+    table = report.load_table(path)
+    column, (lo, hi), colours = report.cross_colours(table, np.arange(6))
+    assert (column, lo, hi) == ("hour", 5.0, 23.0)
+    assert colours[0] == colours[3] == "hsl(240,80%,45%)" and colours[2] == colours[5] == "hsl(0,80%,45%)"
+    section = report._table_section(table)
+    assert "colour: hour, from 5" in section and section.count('style="fill:hsl(') == 6  # not the OOV row
+    # a cross of two string columns has nothing to colour by; neither has a single-column table
+    spec = TableSpec("a_x_b", "vocabulary", ("a", "b"), 2, 2, 2, 0, separator=" x ")
+    strings = report.load_table(write_table(str(tmp_path / "s"), spec, ["x x y", "y x z"], vectors[:2], np.ones(2), {}))
+    assert report.cross_colours(strings, np.arange(2)) is None

@@ -1,10 +1,17 @@
 """Row-level parsing and validation: every input line is either a good row or a dead letter."""
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from embedpipe import stages
 from pipeline import rows
+from schemas.features import raw_feature_spec
+from schemas.loading import load_config
+
+from support import FIXTURES, edited
 
 
 def _lines(config):
@@ -132,3 +139,60 @@ def test_ints_are_exact_and_out_of_range_values_are_dead_letters(tiny_config):
     good, dead = rows.validate_batch(typed, tiny_config, "f.parquet")
     assert good.column("hour").to_pylist() == [[2]] and good.column("carrier").to_pylist() == [[b"8"]]
     assert [d.reason for d in dead] == [rows.BAD_INT, rows.BAD_INT]
+
+
+# Unused columns: `note` and `code` are declared (the header names them) but nothing reads them.
+UNUSED_CSV = os.path.join(FIXTURES, "unused_columns.csv")
+UNUSED_YAML = f"""
+name: unused
+input:
+  format: csv
+  path: {UNUSED_CSV}
+  max_field_bytes: 100
+  columns: {{y: float, a: string, b: int, note: string, code: int}}
+label: {{column: y, task: regression}}
+categorical:
+  a: {{type: vocabulary}}
+numeric:
+  b: {{normalize: zscore}}
+"""
+# The same file with both columns read: their bad values dead-letter their rows again.
+USED_YAML = edited(
+    edited(UNUSED_YAML, "  a: {type: vocabulary}\n", "  a: {type: vocabulary}\n  note: {type: vocabulary}\n"),
+    "  b: {normalize: zscore}\n",
+    "  b: {normalize: zscore}\n  code: {normalize: zscore}\n",
+)
+
+
+def _unused_fixture(write_config, text):
+    config = load_config(write_config(text))
+    lines = _lines(config)
+    raw = rows.RawRows("unused_columns.csv", lines, list(range(2, len(lines) + 2)))
+    return config, lines, rows.parse_and_validate(raw, config)
+
+
+def test_unused_columns_are_not_validated(write_config):
+    config, lines, (good, dead) = _unused_fixture(write_config, UNUSED_YAML)
+    assert config.used_columns == {"y": "float", "a": "string", "b": "int"}
+    assert dead == [] and good.num_rows == len(lines) == 20  # empty, malformed and 300-byte values kept
+    assert good.schema.names == ["y", "a", "b"]  # tf.Transform and serving never see note or code
+    assert sorted(raw_feature_spec(config)) == ["a", "b", "y"]
+
+
+def test_the_same_columns_used_dead_letter_their_bad_values(write_config):
+    config, lines, (good, dead) = _unused_fixture(write_config, USED_YAML)
+    assert good.num_rows + len(dead) == len(lines) == 20
+    assert [(d.line, d.reason) for d in dead] == [
+        (3, rows.MISSING_VALUE),  # note and code empty
+        (4, rows.BAD_INT),  # code n/a
+        (5, rows.OVERSIZED_FIELD),  # note 300 bytes
+        (6, rows.BAD_INT),  # code 1.5
+        (7, rows.BAD_INT),  # code -
+    ]
+    assert dead[0].row == "2.0,y,2,," and dead[2].row.startswith("4.0,y,4,zzz")  # the whole raw line
+
+
+def test_a_run_keeps_every_row_whose_only_bad_values_are_unused(write_config, tmp_path):
+    section = stages.preprocess(["--config", write_config(UNUSED_YAML), "--output", str(tmp_path / "out")])
+    counts = section["rows"]
+    assert (counts["read"], counts["train"] + counts["eval"], counts["dead_letter"]) == (20, 20, 0)

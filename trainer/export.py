@@ -229,6 +229,7 @@ def write_table(
         "dim": spec.dim,
         "vocabulary_size": spec.vocabulary_size,
         "oov_rows": spec.oov_rows,
+        "separator": spec.separator,
         "projector_rows": int(len(shown)),
         "source": source,
         **described,

@@ -74,6 +74,43 @@ class NeighborIndex:
         return self.top_k(self.unit @ self.unit[row], k, exclude=row)
 
 
+def showcase(
+    table: EmbeddingTable, count: int = 2, k: int = 5, pool: int = 20, unlike: float = 0.5
+) -> list[tuple[str, list]]:
+    """The neighbours of a few telling keys of a table, for a run's summary.
+
+    The first key is the table's most frequent; each next one is, of the `pool` most frequent
+    keys, the most frequent whose cosine to every key already picked is below `unlike` (else
+    the least similar one), so that a day x hour table shows a morning and an evening, say.
+
+    Args:
+        table: an exported table.
+        count: how many keys.
+        k: neighbours per key.
+        pool: the most frequent keys to pick from.
+        unlike: the cosine below which a key counts as unlike the ones picked.
+
+    Returns:
+        [(key, [(neighbour key, label, cosine), ...]), ...], at most `count` keys (none for a
+        table of fewer than two real rows).
+    """
+    index = NeighborIndex(table)
+    real = table.real_rows
+    if real < 2:
+        return []
+    frequency = np.asarray(table.frequencies[:real], dtype=np.float64)
+    candidates = np.argsort(-frequency, kind="stable")[:pool]
+    picked = [int(candidates[0])]
+    while len(picked) < min(count, len(candidates)):
+        closest = (index.unit[candidates] @ index.unit[picked].T).max(axis=1)
+        closest[np.isin(candidates, picked)] = np.inf
+        below = np.flatnonzero(closest < unlike)  # in frequency order
+        picked.append(int(candidates[below[0] if len(below) else np.argmin(closest)]))
+    return [
+        (table.keys[row], index.top_k(index.unit @ index.unit[row], min(k, real - 1), exclude=row)) for row in picked
+    ]
+
+
 def write_all_neighbors(table: EmbeddingTable, k: int, path: str, index=None) -> dict:
     """Top-k neighbours of every row -> Parquet (key, neighbors list<string>, scores list<float32>).
 

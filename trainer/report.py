@@ -17,7 +17,8 @@ It holds:
   per-model epoch losses, validation curves and recency weights of a collaborative run, and
   the baseline's curves;
 * per exported table (`trainer.tables.load_table`): a 2-D PCA projection of the most frequent
-  rows (labelled with item titles where the table has labels), the cosine nearest neighbours of
+  rows (labelled with item titles where the table has labels; a cross's points coloured by its
+  numeric part, a day x hour table's by hour: `cross_colours`), the cosine nearest neighbours of
   the most frequent keys (OOV rows never returned), vocabulary coverage (the share of training
   occurrences that hit an OOV row) and the dimension against the fourth-root rule.
 """
@@ -67,7 +68,12 @@ def write_report(output_dir: str, path: str | None = None) -> str:
         table = load_table(table_path)
         _LOG.info("report: table %s: %d rows x %d dims loaded (%.1fs)", name, len(table), table.dim, time.time() - t0)
         sections.append(_table_section(table))
-        _LOG.info("report: table %s: projection and neighbours done (%.1fs)", name, time.time() - t0)
+        _LOG.info(
+            "report: table %s: projection and neighbours done (%.0f KiB, %.1fs)",
+            name,
+            len(sections[-1].encode()) / 1024,
+            time.time() - t0,
+        )
     page = _page(f"embedpipe report: {title}", output_dir, list(tables), sections)
     path = path or os.path.join(output_dir, layout.REPORT)
     with tf.io.gfile.GFile(path, "w") as f:
@@ -384,6 +390,7 @@ def _pca_scatter(table: EmbeddingTable, shown: np.ndarray, real: int, width: int
     frequency = np.asarray(table.frequencies)[shown].astype(np.float64)
     radius = 1.6 + 3.4 * np.log1p(frequency) / max(np.log1p(frequency.max()), 1e-9)
     labels = table.labels
+    coloured = cross_colours(table, shown[shown < real])
     out = [
         f'<svg class=scatter width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
         f'<rect class=frame x="0.5" y="0.5" width="{width - 1}" height="{height - 1}"/>',
@@ -393,8 +400,9 @@ def _pca_scatter(table: EmbeddingTable, shown: np.ndarray, real: int, width: int
         row = int(shown[i])
         cls, r = ("oov", max(radius[i], 3.0)) if row >= real else ("top" if i < LABELLED else "pt", radius[i])
         tip = _display(table.keys[row]) + (f" — {_display(labels[row])}" if labels and labels[row] else "")
+        fill = f' style="fill:{coloured[2][row]}"' if coloured and row in coloured[2] else ""
         out.append(
-            f'<circle class={cls} cx="{xy[i, 0]:.1f}" cy="{xy[i, 1]:.1f}" r="{r:.1f}">'
+            f'<circle class={cls}{fill} cx="{xy[i, 0]:.1f}" cy="{xy[i, 1]:.1f}" r="{r:.1f}">'
             f"<title>{_e(tip)} ({int(frequency[i]):,})</title></circle>"
         )
     placed: list[tuple[float, float, float, float]] = []
@@ -408,13 +416,56 @@ def _pca_scatter(table: EmbeddingTable, shown: np.ndarray, real: int, width: int
     out.append("</svg>")
     wanted = min(LABELLED, len(shown))
     crowded = f" ({wanted - len(placed)} left out where they would overlap)" if len(placed) < wanted else ""
+    scale = (
+        f"; colour: {_e(coloured[0])}, from {coloured[1][0]:g} (<span style=color:{_hue(0)}>blue</span>) to "
+        f"{coloured[1][1]:g} (<span style=color:{_hue(1)}>red</span>)"
+        if coloured
+        else ""
+    )
     caption = (
         f"PCA of the {len(shown):,} most frequent rows (PC1 {share[0]:.0%}, PC2 {share[1]:.0%} of their "
-        f"variance); dark, labelled: the {wanted} most frequent{crowded}"
-        + ("; <span class=oov-key>red</span>: OOV rows" if (shown >= real).any() else "")
+        f"variance); {'labelled' if coloured else 'dark, labelled'}: the {wanted} most frequent{crowded}{scale}"
+        + ("; <span class=oov-key>ringed in red</span>: OOV rows" if (shown >= real).any() else "")
         + "; hover a point for its key and training count."
     )
     return "".join(out) + f"<figcaption>{caption}</figcaption>"
+
+
+def cross_colours(table: EmbeddingTable, rows: np.ndarray) -> tuple[str, tuple[float, float], dict[int, str]] | None:
+    """Colours for the points of a cross by one of its numeric parts (a day x hour table by hour).
+
+    The part is the cross's column whose values, in the keys of `rows`, are all numbers, the one
+    with the most distinct values when several are; colours run from blue (lowest) to red.
+
+    Returns:
+        (column, (lowest, highest), {row: CSS colour}), or None when the table is not a cross,
+        no part is numeric or it takes one value only.
+    """
+    columns, separator = table.manifest.get("columns", []), table.manifest.get("separator")
+    if len(columns) < 2 or not separator or len(rows) == 0:
+        return None
+    parts = [table.keys[int(row)].split(separator) for row in rows]
+    if any(len(p) != len(columns) for p in parts):
+        return None
+    best = None
+    for j, column in enumerate(columns):
+        try:
+            values = np.array([float(p[j]) for p in parts])
+        except ValueError:
+            continue
+        distinct = len(np.unique(values))
+        if distinct > 1 and np.isfinite(values).all() and (best is None or distinct > best[0]):
+            best = (distinct, column, values)
+    if best is None:
+        return None
+    _, column, values = best
+    lo, hi = float(values.min()), float(values.max())
+    return column, (lo, hi), {int(row): _hue((v - lo) / (hi - lo)) for row, v in zip(rows, values)}
+
+
+def _hue(position: float) -> str:
+    """A colour from blue (0) through green to red (1)."""
+    return f"hsl({240 * (1 - position):.0f},80%,45%)"
 
 
 def _place_label(x, y, w, h, placed, width, height) -> tuple[float, float, float, float] | None:

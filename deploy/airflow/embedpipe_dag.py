@@ -8,7 +8,7 @@ run verifies complete. A failed or half-finished day never becomes LATEST.
 Configured with Airflow Variables (read when a task runs, not when the file is parsed):
 
     embedpipe_root            required: the output root, e.g. gs://BUCKET/embedpipe/flights
-    embedpipe_config          config name or path (default: taxi)
+    embedpipe_config          config name or path (default: departures)
     embedpipe_input           input file or glob; `{ds}` / `{ds_nodash}` become the run date
                               (default: empty, the config's input.path)
     embedpipe_stage_options   flags of preprocess, train and export alike, e.g. `--warm-start`
@@ -84,7 +84,7 @@ def stage_commands(
 def dag_commands() -> dict[str, str]:
     """The commands of the DAG's tasks, as Jinja templates over the Variables and the run date."""
     return stage_commands(
-        config=_variable("embedpipe_config", "taxi"),
+        config=_variable("embedpipe_config", "departures"),
         root=_variable("embedpipe_root"),
         run_id=RUN_ID,
         input=INPUT,
