@@ -177,6 +177,9 @@ class TrainingConfig:
     shuffle_buffer: int = 200_000
     # A split is cached in memory after its first read only when its files are at most this big.
     cache_max_mb: int = 256
+    # The share of the training split (a fixed slice, by a fingerprint of each example) held out
+    # to choose the epoch (early stopping): the eval split is only ever reported on.
+    validation_percent: int = 10
 
 
 class DatasetConfig:

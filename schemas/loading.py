@@ -485,6 +485,7 @@ class _Parser:
             seed=self.integer(get("seed"), "training.seed", 0),
             shuffle_buffer=self.integer(get("shuffle_buffer"), "training.shuffle_buffer"),
             cache_max_mb=self.integer(get("cache_max_mb"), "training.cache_max_mb", 0),
+            validation_percent=self.integer(get("validation_percent"), "training.validation_percent", 1, 50),
         )
 
     # -- collaborative -------------------------------------------------------------------------

@@ -42,3 +42,15 @@ def test_eval_split_is_read_in_file_order(tmp_path):
     assert _epoch(ds) == [0, 5, 1, 6, 2, 7, 3, 8, 4, 9]  # both shards read at once, interleaved
     features, label = next(iter(ds))
     assert label.shape == (4,) and label.numpy()[1] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("cache_max_bytes", [0, 1 << 30])
+def test_a_validation_slice_is_the_same_examples_every_epoch_and_never_trained_on(tmp_path, cache_max_bytes):
+    pattern = _shards(str(tmp_path))
+    kwargs = dict(seed=1, label_shape_1=True, shuffle_buffer=50, cache_max_bytes=cache_max_bytes, slice_percent=20)
+    fit = make_dataset(pattern, SPEC, 16, shuffle=True, validation=False, **kwargs)
+    held = make_dataset(pattern, SPEC, 16, shuffle=False, validation=True, **kwargs)
+    sliced, rest = _epoch(held), _epoch(fit)
+    assert sorted(sliced + rest) == list(range(120)) and not set(sliced) & set(rest)
+    assert 8 <= len(sliced) <= 40  # about 20% of 120
+    assert _epoch(held) == sliced and sorted(_epoch(fit)) == sorted(rest)  # a fixed slice, reshuffled rest

@@ -16,6 +16,7 @@ from schemas.features import LABEL_KEY
 # Serialized tf.Examples take about this many times their gzip size in memory (an upper estimate).
 CACHE_EXPANSION = 6
 READ_CYCLE = 4  # shards read at once
+SLICE_BATCH = 4096  # serialized examples sorted into the validation slice or not at once
 
 
 def record_files(pattern: str) -> list[str]:
@@ -41,6 +42,27 @@ def read_records(files: list[str], *, shuffle: bool, seed: int) -> tf.data.Datas
     )
 
 
+def in_slice(serialized: tf.Tensor, feature_spec: dict, percent: int) -> tf.Tensor:
+    """Which serialized examples are in the validation slice of `make_dataset`.
+
+    An example is in when the FarmHash fingerprint of its parsed values (every feature of
+    `feature_spec`, in name order) falls in the first `percent` of 100 buckets: its content
+    decides, not its bytes (a tf.Example's feature map serializes in no fixed order) nor the
+    shard it was written to.
+
+    Args:
+        serialized: string [n], serialized tf.Examples.
+        feature_spec: their features, each a `FixedLenFeature([])`.
+        percent: the slice's share of 100.
+
+    Returns:
+        bool [n].
+    """
+    parsed = tf.io.parse_example(serialized, feature_spec)
+    values = tf.stack([tf.strings.as_string(parsed[name]) for name in sorted(feature_spec)], axis=1)
+    return tf.strings.to_hash_bucket_fast(tf.strings.reduce_join(values, axis=1, separator="\x1f"), 100) < percent
+
+
 def make_dataset(
     file_pattern: str,
     feature_spec: dict,
@@ -52,6 +74,8 @@ def make_dataset(
     num_rows: int | None = None,
     shuffle_buffer: int = 200_000,
     cache_max_bytes: int = 256 << 20,
+    slice_percent: int = 0,
+    validation: bool = False,
 ) -> tf.data.Dataset:
     """(features, label) batches of the transformed examples.
 
@@ -67,6 +91,10 @@ def make_dataset(
         shuffle_buffer: examples in the shuffle buffer.
         cache_max_bytes: cache the split in memory only if its files are at most
             `cache_max_bytes / CACHE_EXPANSION` bytes (0: never cache).
+        slice_percent: carve a validation slice out of the split: the examples whose values
+            fingerprint into the first `slice_percent` of 100 buckets (`in_slice`: the same
+            examples every epoch and run, whatever the read order). 0: the whole split.
+        validation: with `slice_percent`, the slice itself; else the rest of the split.
 
     Returns:
         A dataset of ({feature: [batch]}, label) pairs.
@@ -76,7 +104,15 @@ def make_dataset(
     """
     files = record_files(file_pattern)
     ds = read_records(files, shuffle=shuffle, seed=seed)
-    if sum(tf.io.gfile.stat(f).length for f in files) * CACHE_EXPANSION <= cache_max_bytes:
+    size = sum(tf.io.gfile.stat(f).length for f in files)  # on disk (a slice: its share, below)
+    if slice_percent:
+
+        def keep(serialized):
+            return tf.boolean_mask(serialized, tf.equal(in_slice(serialized, feature_spec, slice_percent), validation))
+
+        ds = ds.batch(SLICE_BATCH).map(keep, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        size = size * (slice_percent if validation else 100 - slice_percent) // 100
+    if size * CACHE_EXPANSION <= cache_max_bytes:
         ds = ds.cache()
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)

@@ -197,12 +197,13 @@ def _history_file(output_dir: str, section_name: str, section: dict) -> dict:
 
 
 def _group_history(history: dict) -> dict[str, dict[str, list[float]]]:
-    """{"loss": [...], "val_loss": [...], ...} -> {"loss": {"train": [...], "eval": [...]}, ...}."""
+    """{"loss": [...], "val_loss": [...], ...} -> {"loss": {"train": [...], "validation": [...]}, ...}
+    (Keras' `val_` metrics are the validation slice's, carved from the training split)."""
     grouped: dict[str, dict[str, list[float]]] = {}
     for name, values in history.items():
         if not isinstance(values, list):
             continue
-        base, split = (name[4:], "eval") if name.startswith("val_") else (name, "train")
+        base, split = (name[4:], "validation") if name.startswith("val_") else (name, "train")
         grouped.setdefault(base, {})[split] = values
     return {k: dict(sorted(v.items(), key=lambda kv: kv[0] != "train")) for k, v in grouped.items()}
 

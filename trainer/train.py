@@ -2,7 +2,10 @@
 
     embedpipe train --config taxi --output /tmp/taxi     # after `embedpipe preprocess`
 
-Reads the run's preprocess outputs, writes its model directory (`schemas.layout.model_dir`):
+Training fits on the training split less a fixed validation slice of it
+(`training.validation_percent`, by a fingerprint of each example), which chooses the epoch
+(early stopping, best weights restored); the eval split is never looked at until the final
+metrics, so they are honest. Reads the run's preprocess outputs, writes its model directory (`schemas.layout.model_dir`):
 `model.keras` (the Keras model),
 `serving/` (a SavedModel whose `serving_default` takes *raw* feature columns, applies the
 tf.Transform graph and returns `prediction`), `logs/` (TensorBoard), `history.json`; and the
@@ -27,9 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
@@ -122,7 +127,8 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
         config: the run's supervised config.
         output_dir: the run directory (preprocessed).
         baseline: train the numeric-only yardstick instead (no tables), into `baseline/`.
-        epochs: maximum epochs (default `training.epochs`; early stopping on the eval loss).
+        epochs: maximum epochs (default `training.epochs`; early stopping on the loss of the
+            validation slice, `training.validation_percent` of the training split).
 
     Returns:
         The `train` (or `baseline`) manifest section: eval metrics, epochs run, tables, timings.
@@ -154,19 +160,24 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
     used = [s.name for s in specs] + numeric + [LABEL_KEY]
     spec = {k: v for k, v in tft_output.transformed_feature_spec().items() if k in used}
     rows = read_manifest(output_dir).get("preprocess", {}).get("rows", {})
+    # (split, part): the training split less its validation slice fits, the slice chooses the
+    # epoch, and the eval split is only reported on.
+    parts = {"fit": ("train", False), "validation": ("train", True), "eval": ("eval", None)}
     datasets = {
-        split: make_dataset(
+        part: make_dataset(
             layout.examples_pattern(output_dir, split),
             spec,
             t.batch_size,
-            shuffle=split == "train",
+            shuffle=part == "fit",
             seed=t.seed,
             label_shape_1=task != "multiclass",
-            num_rows=rows.get(split),
+            num_rows=rows.get(split) if validation is None else None,
             shuffle_buffer=t.shuffle_buffer,
             cache_max_bytes=t.cache_max_mb << 20,
+            slice_percent=0 if validation is None else t.validation_percent,
+            validation=bool(validation),
         )
-        for split in layout.SPLITS
+        for part, (split, validation) in parts.items()
     }
     out = layout.model_dir(output_dir, baseline)
     callbacks = [
@@ -180,14 +191,18 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
         numeric,
         epochs or t.epochs,
     )
-    history = model.fit(
-        datasets["train"],
-        validation_data=datasets["eval"],
-        epochs=epochs or t.epochs,
-        callbacks=callbacks,
-        shuffle=False,  # the dataset shuffles itself
-        verbose=2,
-    )
+    with warnings.catch_warnings():
+        # The fit part's length is unknown until its first epoch ends (a slice of the split), which
+        # Keras reports as "Your input ran out of data" once; it then knows the steps per epoch.
+        warnings.filterwarnings("ignore", message="Your input ran out of data", category=UserWarning)
+        history = model.fit(
+            datasets["fit"],
+            validation_data=datasets["validation"],
+            epochs=epochs or t.epochs,
+            callbacks=callbacks,
+            shuffle=False,  # the dataset shuffles itself
+            verbose=2,
+        )
     metrics = {k: float(v) for k, v in model.evaluate(datasets["eval"], verbose=0, return_dict=True).items()}
     model.save(layout.keras_model_path(out))
     raw_spec = raw_feature_spec(config, include_label=False)
@@ -201,6 +216,9 @@ def train(config: Config, output_dir: str, *, baseline: bool = False, epochs: in
         "model_dir": out,
         "baseline": baseline,
         "epochs_run": len(history.history["loss"]),
+        # the epoch kept: the best validation loss (on `validation_percent` of the training split)
+        "best_epoch": int(np.argmin(history.history["val_loss"])) + 1,
+        "validation_percent": t.validation_percent,
         "eval_metrics": metrics,
         "headline_metric": {"name": headline, "value": metrics[headline]},
         "tables": {s.name: {"rows": s.rows, "dim": s.dim} for s in specs},
