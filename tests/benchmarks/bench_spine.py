@@ -3,7 +3,7 @@ how the day-of-week x hour table is organised (with a 2-D plot).
 
 Not collected by pytest. Run from the repository root:
 
-    python tests/benchmarks/bench_spine.py taxi                 # wall time of `embedpipe run`
+    python tests/benchmarks/bench_spine.py sample               # wall time of `embedpipe run`, report size
     python tests/benchmarks/bench_spine.py flights --seeds 3    # needs: pip install -e ".[flights]"
     python tests/benchmarks/bench_spine.py table RUN_DIR/export/dow_x_hour --svg docs/dow_x_hour.svg
 
@@ -27,8 +27,11 @@ import numpy as np
 DAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 
 
-def bench_taxi(repeats: int) -> None:
-    times = []
+def bench_sample(repeats: int) -> None:
+    """Wall time of `embedpipe run` with no arguments (the bundled flights sample, every stage,
+    the baseline and the report included), each in a fresh process and directory, and the size
+    of the report it writes."""
+    times, sizes = [], []
     for i in range(repeats):
         with tempfile.TemporaryDirectory() as cwd:
             started = time.perf_counter()
@@ -37,8 +40,14 @@ def bench_taxi(repeats: int) -> None:
             if done.returncode:
                 sys.exit(f"embedpipe run failed:\n{done.stderr[-3000:]}")
             summary = [line for line in done.stdout.splitlines() if line.strip()]
-            print(f"run {i + 1}: {times[-1]:.1f}s wall;  " + " | ".join(s.strip() for s in summary[-5:]))
-    print(f"embedpipe run (bundled taxi sample, all stages): median {np.median(times):.1f}s over {repeats} runs")
+            report = os.path.join(cwd, summary[-1].split("report:")[1].strip())
+            sizes.append(os.path.getsize(report) / 1024)
+            print(f"run {i + 1}: {times[-1]:.1f}s wall, report {sizes[-1]:.0f} KiB")
+            print("\n".join(summary[-12:]))
+    print(
+        f"embedpipe run (bundled sample, all stages): median {np.median(times):.1f}s wall over {repeats} runs "
+        f"(min {min(times):.1f}s, max {max(times):.1f}s); report {np.median(sizes):.0f} KiB"
+    )
 
 
 def bench_flights(out: str, seeds: int, epochs: int | None) -> None:
@@ -159,7 +168,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("taxi")
+    p = sub.add_parser("sample")
     p.add_argument("--repeats", type=int, default=3)
     p = sub.add_parser("flights")
     p.add_argument("--output", default=os.path.join(tempfile.gettempdir(), "embedpipe-bench-flights"))
@@ -169,8 +178,8 @@ def main() -> None:
     p.add_argument("path")
     p.add_argument("--svg")
     args = parser.parse_args()
-    if args.what == "taxi":
-        bench_taxi(args.repeats)
+    if args.what == "sample":
+        bench_sample(args.repeats)
     elif args.what == "flights":
         import logging
 
