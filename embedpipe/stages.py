@@ -28,6 +28,7 @@ import time
 
 from embedpipe import args as cli_args
 from embedpipe import runs
+from pipeline.preprocess import finalize as finalize_preprocess
 from pipeline.preprocess import preprocess as preprocess_job
 from schemas import layout
 from schemas.config import CollaborativeConfig, ConfigError, DatasetConfig
@@ -81,15 +82,23 @@ def resolve(args: argparse.Namespace, allow_complete: bool = False) -> tuple[Dat
     return config, path
 
 
-def preprocess(argv: list[str] | None = None) -> dict:
+def preprocess(argv: list[str] | None = None, wait: bool = True) -> dict | None:
     """`embedpipe preprocess`: the Beam job; unrecognised flags are Beam pipeline options.
 
+    Args:
+        argv: the command line.
+        wait: False for a Flex Template launch (`deploy/dataflow/main.py`): the job starts after
+            this process exits, and `embedpipe train` finalises its manifest section.
+
     Returns:
-        The `preprocess` manifest section.
+        The `preprocess` manifest section (None when not waiting).
     """
     args, beam_args = cli_args.parse("preprocess", argv)
     config, output_dir = resolve(args)
-    section = preprocess_job(config, output_dir, beam_args)
+    section = preprocess_job(config, output_dir, beam_args, wait=wait)
+    if section is None:
+        print(f"submitted the preprocess job of {output_dir}; `embedpipe train` finalises its manifest")
+        return None
     print_rows(section["rows"])
     print(f"  outputs:   {layout.preprocess_dir(output_dir)}")
     return section
@@ -98,11 +107,16 @@ def preprocess(argv: list[str] | None = None) -> dict:
 def train(argv: list[str] | None = None) -> dict:
     """`embedpipe train`: trains the run's model (`--baseline`: the numeric-only yardstick).
 
+    After a preprocess job that was launched without waiting (a Flex Template), the `preprocess`
+    section of the manifest is written first, from what the job wrote (`pipeline.preprocess.finalize`).
+
     Returns:
         The `train` (or `baseline`) manifest section.
     """
     args, _ = cli_args.parse("train", argv)
     config, output_dir = resolve(args)
+    if "preprocess" not in read_manifest(output_dir):
+        print_rows(finalize_preprocess(config, output_dir)["rows"])
     if args.baseline and isinstance(config, CollaborativeConfig):
         cli_args.train_parser().error("--baseline is for supervised configs (a collaborative run reports popularity)")
     section = train_any(config, output_dir, baseline=args.baseline, epochs=args.epochs)

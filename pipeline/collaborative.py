@@ -47,6 +47,7 @@ from tfx_bsl.public import tfxio
 from pipeline import transforms
 from pipeline.preprocessing import unit_weights
 from pipeline.transforms import (
+    COUNTS,
     DEAD,
     EVAL,
     NAMESPACE,
@@ -55,6 +56,8 @@ from pipeline.transforms import (
     ReadRawLogs,
     TransformAndWrite,
     WriteDeadLetters,
+    WriteRowCounts,
+    rows_counted,
 )
 from schemas import layout
 from schemas.config import CollaborativeConfig, VocabularySide
@@ -271,15 +274,17 @@ def _records(table: pa.Table, owner_rows, item_ranges, target_ranges, start, las
 
 class UserSequences(beam.PTransform):
     """(bucket, interactions tables) groups -> `TRAIN` and `EVAL` record batches (`sequence_records`),
-    regrouped into batches of about `TRANSFORM_BATCH_ITEMS` items for tf.Transform."""
+    regrouped into batches of about `TRANSFORM_BATCH_ITEMS` items for tf.Transform, and under
+    `COUNTS` the (name, count) pairs of the interactions in each split and the users evaluated."""
 
     def __init__(self, config: CollaborativeConfig):
         super().__init__()
         self.config = config
 
     def expand(self, grouped):
-        records = grouped | "Records" >> beam.ParDo(_UserSequences(self.config)).with_outputs(TRAIN, EVAL)
-        return {tag: records[tag] | f"Rebatch{tag.title()}" >> _Rebatch() for tag in (TRAIN, EVAL)}
+        records = grouped | "Records" >> beam.ParDo(_UserSequences(self.config)).with_outputs(TRAIN, EVAL, COUNTS)
+        out = {tag: records[tag] | f"Rebatch{tag.title()}" >> _Rebatch() for tag in (TRAIN, EVAL)}
+        return {**out, COUNTS: records[COUNTS]}
 
 
 class _Rebatch(beam.PTransform):
@@ -321,6 +326,8 @@ class _UserSequences(beam.DoFn):
         self.counters[TRAIN].inc(counts["train"])
         self.counters[EVAL].inc(counts["eval"])
         self.users_evaluated.inc(counts["users_evaluated"])
+        for name in ("train", "eval", "users_evaluated"):
+            yield beam.pvalue.TaggedOutput(COUNTS, (name, counts[name]))
         self._progress.add(counts["train"] + counts["eval"])
         if train.num_rows:
             yield beam.pvalue.TaggedOutput(TRAIN, train)
@@ -361,9 +368,16 @@ def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, output_dir: st
             | "UserSequences" >> UserSequences(config)
         )
         count_ids = functools.partial(count_sequence_ids, user_table=config.user.name, item_table=config.item.name)
+        counts = records.pop(COUNTS)
         _ = records | "TransformAndWrite" >> TransformAndWrite(
             make_preprocessing_fn(config), tensor_adapter_config(weighted), output_dir, count_ids
         )
         _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
             layout.dead_letter_prefix(output_dir)
         )
+        _ = (
+            read.rows | "CountRead" >> beam.Map(rows_counted, "read"),
+            counts,
+            read[DEAD] | "CountUnread" >> beam.Map(rows_counted, "dead_letter"),
+            validated[DEAD] | "CountInvalid" >> beam.Map(rows_counted, "dead_letter"),
+        ) | "WriteRowCounts" >> WriteRowCounts(layout.row_counts_path(output_dir))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import tempfile
 import time
@@ -35,13 +36,14 @@ from pipeline.preprocessing import make_preprocessing_fn
 from pipeline.transforms import (
     DEAD,
     EVAL,
-    NAMESPACE,
     TRAIN,
     ParseAndValidate,
     ReadRawLogs,
     SplitTrainEval,
     TransformAndWrite,
     WriteDeadLetters,
+    WriteRowCounts,
+    rows_counted,
 )
 from schemas import layout
 from schemas.config import CollaborativeConfig, Config, DatasetConfig
@@ -90,40 +92,51 @@ def build_pipeline(p: beam.Pipeline, config: Config, output_dir: str, temp_dir: 
         _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
             layout.dead_letter_prefix(output_dir)
         )
+        _ = (
+            read.rows | "CountRead" >> beam.Map(rows_counted, "read"),
+            split[TRAIN] | "CountTrain" >> beam.Map(rows_counted, "train"),
+            split[EVAL] | "CountEval" >> beam.Map(rows_counted, "eval"),
+            read[DEAD] | "CountUnread" >> beam.Map(rows_counted, "dead_letter"),
+            validated[DEAD] | "CountInvalid" >> beam.Map(rows_counted, "dead_letter"),
+        ) | "WriteRowCounts" >> WriteRowCounts(layout.row_counts_path(output_dir))
 
 
-def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | None = None) -> dict:
+def preprocess(
+    config: DatasetConfig, output_dir: str, beam_args: list[str] | None = None, *, wait: bool = True
+) -> dict | None:
     """Runs the preprocessing job into the run directory `output_dir`.
 
     Checks every input file first (a CSV header, the Parquet columns), drops what an earlier
     attempt left there (its examples, model and tables), runs the job on the Beam runner that
-    `beam_args` name (the in-process runner by default) and writes the manifest section.
+    `beam_args` name (the in-process runner by default) and writes the manifest section
+    (`finalize`).
 
     Args:
         config: a supervised or collaborative config.
         output_dir: the run directory (`schemas.layout`).
         beam_args: Beam pipeline options (`--runner`, `--direct_num_workers`, ...).
+        wait: wait for the job and finalise the manifest; False for a Flex Template launch,
+            whose job only starts after this process exits: the next stage finalises it then
+            (`finalize`, from the row counts the job writes itself).
 
     Returns:
         The `preprocess` manifest section: config, inputs, rows per split and dead-letter reason,
-        tables, outputs, timings.
+        tables, outputs, timings. None when not waiting.
 
     Raises:
         InputError: no input file matches, a file's columns do not fit, or more rows were
             dead-lettered than `input.max_bad_fraction` allows.
     """
-    matches = FileSystems.match([config.input.path])[0].metadata_list
-    if not matches:
-        raise rows.InputError(f"input.path: no file matches {config.input.path!r} (config {config.source})")
+    matches = _input_files(config)
     for match in matches:
-        with FileSystems.open(match.path) as f:
-            rows.check_input_file(f, config, match.path)  # the CSV header, the Parquet columns
+        with FileSystems.open(match) as f:
+            rows.check_input_file(f, config, match)  # the CSV header, the Parquet columns
     # An earlier attempt's outputs must not pass for this one's: its shards, and the model, tables
     # and manifest sections made from them.
     stale = [d for d in layout.stage_outputs(output_dir) if FileSystems.exists(d)]
     if stale:
         FileSystems.delete(stale)
-    drop_sections(output_dir, ("train", "baseline", "export", "drift"))
+    drop_sections(output_dir, ("preprocess", "train", "baseline", "export", "drift"))
     options = pipeline_options(list(beam_args or []))
     _LOG.info("preprocess: %s (%d file(s)) -> %s", config.input.path, len(matches), layout.preprocess_dir(output_dir))
     unused = [c for c in config.input.columns if c not in config.used_columns]
@@ -136,14 +149,46 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
         build(p, config, output_dir, options.get_all_options().get("temp_location") or local_temp)
         with Heartbeat(_LOG, "preprocess"):  # tf.Transform's own steps log nothing for minutes
             result = p.run()
+            if not wait:
+                _LOG.info("preprocess: job submitted; the next stage finalises the manifest from its row counts")
+                return None
             result.wait_until_finish()
-    elapsed = time.time() - started
-    counts = _counters(result)
+    return finalize(config, output_dir, matches, time.time() - started)
+
+
+def finalize(
+    config: DatasetConfig, output_dir: str, files: list[str] | None = None, elapsed: float | None = None
+) -> dict:
+    """Writes the `preprocess` manifest section of a finished job, from what the job wrote.
+
+    The rows come from the job's own `row_counts.json` (`layout.row_counts_path`), the tables
+    from the transform output; nothing needs the job's handle, so a stage after a Flex Template
+    launch can call it (`embedpipe train` does when the section is missing).
+
+    Args:
+        config: the run's config.
+        output_dir: the run directory.
+        files: the input files the job read (default: what `input.path` matches now).
+        elapsed: the job's seconds, when known.
+
+    Returns:
+        The `preprocess` manifest section.
+
+    Raises:
+        RunError: the job has not written its row counts (not finished, or failed).
+        InputError: more rows were dead-lettered than `input.max_bad_fraction` allows.
+    """
+    path = layout.row_counts_path(output_dir)
+    if not FileSystems.exists(path):
+        raise layout.RunError(f"{path} does not exist: the preprocess job of {output_dir} has not finished")
+    with FileSystems.open(path) as f:
+        counts = json.loads(f.read())
     dead = {k[len("dead_letter_") :]: v for k, v in counts.items() if k.startswith("dead_letter_")}
     dead_letters = layout.dead_letter_pattern(output_dir)
-    rows.check_bad_fraction(counts.get("rows_read", 0), dead, config, dead_letters)  # before anything is published
+    rows.check_bad_fraction(counts.get("read", 0), dead, config, dead_letters)  # before anything is published
     tft_output = tft.TFTransformOutput(layout.transform_dir(output_dir))
     specs = table_specs(config, tft_output)
+    files = _input_files(config) if files is None else files
     section = {
         "config": {
             "name": config.name,
@@ -151,11 +196,11 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
             "sha256": config.digest(),
             "drift_limits": dataclasses.asdict(config.drift),  # what `embedpipe publish` checks
         },
-        "inputs": {"path": config.input.path, "format": config.input.format, "files": [m.path for m in matches]},
+        "inputs": {"path": config.input.path, "format": config.input.format, "files": files},
         "rows": {
-            "read": counts.get("rows_read", 0),
-            "train": counts.get("rows_train", 0),
-            "eval": counts.get("rows_eval", 0),
+            "read": counts.get("read", 0),
+            "train": counts.get("train", 0),
+            "eval": counts.get("eval", 0),
             "dead_letter": sum(dead.values()),
             "dead_letter_by_reason": dict(sorted(dead.items())),
         },
@@ -167,29 +212,27 @@ def preprocess(config: DatasetConfig, output_dir: str, beam_args: list[str] | No
             "eval": layout.examples_pattern(output_dir, EVAL),
             "dead_letter": dead_letters,
             "id_counts": layout.id_counts_path(output_dir),
+            "row_counts": path,
         },
-        "timings_s": {"preprocess": round(elapsed, 2)},
+        "timings_s": {} if elapsed is None else {"preprocess": round(elapsed, 2)},
     }
     r = section["rows"]
     if r["read"] != r["train"] + r["eval"] + r["dead_letter"]:
         raise RuntimeError(f"row counts do not add up: {r}")  # a bug, never an input problem
     _LOG.info(
-        "preprocess: %d rows read -> %d train, %d eval, %d dead-lettered (%.1fs)",
+        "preprocess: %d rows read -> %d train, %d eval, %d dead-lettered%s",
         r["read"],
         r["train"],
         r["eval"],
         r["dead_letter"],
-        elapsed,
+        "" if elapsed is None else f" ({elapsed:.1f}s)",
     )
     update_manifest(output_dir, "preprocess", section)
     return section
 
 
-def _counters(result) -> dict[str, int]:
-    query = result.metrics().query(beam.metrics.MetricsFilter().with_namespace(NAMESPACE))
-    counts: dict[str, int] = {}
-    for c in query["counters"]:
-        # Portable Flink reports attempted counters only (committed is None there).
-        value = c.committed if c.committed is not None else (c.attempted or 0)
-        counts[c.key.metric.name] = counts.get(c.key.metric.name, 0) + value
-    return counts
+def _input_files(config: DatasetConfig) -> list[str]:
+    matches = FileSystems.match([config.input.path])[0].metadata_list
+    if not matches:
+        raise rows.InputError(f"input.path: no file matches {config.input.path!r} (config {config.source})")
+    return [m.path for m in matches]

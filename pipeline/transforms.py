@@ -37,11 +37,13 @@ from schemas.progress import Progress
 
 NAMESPACE = "embedpipe"
 DEAD = "dead"
+COUNTS = "counts"  # the tag of (name, count) pairs for `WriteRowCounts`
 _LOG = logging.getLogger(__name__)
 # Shards per split of the examples, so that the trainer (and any reader) reads in parallel.
 EXAMPLE_SHARDS = 8
 
 __all__ = [
+    "COUNTS",
     "DEAD",
     "EVAL",
     "NAMESPACE",
@@ -53,6 +55,8 @@ __all__ = [
     "TransformAndWrite",
     "WriteDeadLetters",
     "WriteExamples",
+    "WriteRowCounts",
+    "rows_counted",
     "tensor_adapter_config",
 ]
 
@@ -279,6 +283,37 @@ def _to_json(letter: rows.DeadLetter) -> str:
 def _count_reason(letter: rows.DeadLetter) -> rows.DeadLetter:
     Metrics.counter(NAMESPACE, f"dead_letter_{letter.reason}").inc()
     return letter
+
+
+class WriteRowCounts(beam.PTransform):
+    """(name, rows) pairs -> one JSON object {name: total} written to `path`: the job's own row
+    counts (`schemas.layout.row_counts_path`), summed exactly once per element (Beam's counters
+    are for watching a job; a Flex Template launch never sees them).
+
+    Give it a tuple of PCollections of pairs, made with `beam.Map(rows_counted, name)`.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def expand(self, pairs):
+        return (
+            pairs
+            | "Flatten" >> beam.Flatten()
+            | "Sum" >> beam.CombinePerKey(sum)
+            | "ToDict" >> beam.combiners.ToDict()
+            | "ToJson" >> beam.Map(json.dumps, sort_keys=True)
+            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="", num_shards=1)
+        )
+
+
+def rows_counted(element, name: str) -> tuple[str, int]:
+    """(count name, rows) of one element: `RawRows` and RecordBatches by their rows; a dead
+    letter is one row, counted as `dead_letter_<its reason>` (`name` is then `dead_letter`)."""
+    if isinstance(element, rows.DeadLetter):
+        return f"{name}_{element.reason}", 1
+    return name, len(element) if isinstance(element, rows.RawRows) else element.num_rows
 
 
 class CountIds(beam.PTransform):

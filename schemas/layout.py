@@ -302,6 +302,13 @@ def dead_letter_pattern(output_dir: str) -> str:
     return dead_letter_prefix(output_dir) + "-*.jsonl"
 
 
+def row_counts_path(output_dir: str) -> str:
+    """The job's own row counts, JSON: {"read", "train", "eval", "dead_letter_<reason>", ...:
+    total}, written by the job itself so that a stage after it can finalise the manifest
+    (a template launch never sees Beam's counters)."""
+    return os.path.join(preprocess_dir(output_dir), "row_counts.json")
+
+
 def id_counts_path(output_dir: str) -> str:
     """{table: {row id: occurrences in the training split}}, JSON."""
     return os.path.join(preprocess_dir(output_dir), "id_counts.json")

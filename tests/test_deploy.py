@@ -23,6 +23,9 @@ from packaging.requirements import Requirement
 from embedpipe import args as cli_args
 from embedpipe import cli, stages
 from schemas import layout
+from schemas.manifest import read_manifest
+
+from support import TINY_YAML
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATAFLOW = os.path.join(ROOT, "deploy", "dataflow")
@@ -122,15 +125,24 @@ def test_launcher_passes_every_template_parameter_to_the_cli(launcher):
 
 def test_launcher_runs_preprocess_with_cli_flags(launcher, monkeypatch):
     seen = []
-    monkeypatch.setattr(stages, "preprocess", lambda argv: seen.append(argv) or {})
+    monkeypatch.setattr(stages, "preprocess", lambda argv, wait: seen.append(argv) or {})
     launcher.main(["--config=taxi", "--output", "gs://b/root", "--run_id", "20261123", "--project=p"])
     assert seen == [["--config=taxi", "--output", "gs://b/root", "--run-id", "20261123", "--project=p"]]
 
 
-def test_launcher_refuses_a_template_launch_before_any_work(launcher, monkeypatch):
-    monkeypatch.setattr(stages, "preprocess", lambda argv: pytest.fail("stages.preprocess must not start"))
-    with pytest.raises(SystemExit, match="Flex Template launch"):
-        launcher.main(["--output=gs://b/root", "--run_id=1", "--template_location=gs://b/staging/job_object"])
+def test_a_template_launch_submits_the_job_and_train_finalises_its_manifest(launcher, tmp_path, capsys):
+    """A Flex Template launch cannot wait for its job: the job writes its own row counts and
+    `embedpipe train` writes the manifest section from them (the DirectRunner, as locally)."""
+    root, run = str(tmp_path / "root"), "20261123"
+    argv = [f"--config={TINY_YAML}", f"--output={root}", f"--run_id={run}", f"--template_location={tmp_path}/job"]
+    assert launcher.main(argv) is None
+    run_dir = layout.run_dir(root, run)
+    assert "preprocess" not in read_manifest(run_dir) and os.path.exists(layout.row_counts_path(run_dir))
+    assert "submitted the preprocess job" in capsys.readouterr().out
+    trained = stages.train(["--config", TINY_YAML, "--output", root, "--run-id", run, "--epochs", "1"])
+    rows = read_manifest(run_dir)["preprocess"]["rows"]
+    assert (rows["read"], rows["train"] + rows["eval"], rows["dead_letter"]) == (244, 240, 4)  # as a waited run
+    assert trained["headline_metric"]["name"] == "mae"
 
 
 # --- Dockerfile -------------------------------------------------------------------------------
@@ -264,15 +276,23 @@ def test_dag_commands_reach_the_stages_with_the_run_directory(dag_module, monkey
     monkeypatch.setattr(stages, "train_any", recorder("train", trained))
     monkeypatch.setattr(stages, "export_stage", recorder("export", {"dir": "d", "tables": {}}))
     monkeypatch.setattr(stages.runs, "publish", recorder("publish", {"run_dir": "runs/20261123"}))
+    # the faked job wrote no manifest section, so train finalises one first (as after a template launch)
+    monkeypatch.setattr(stages, "finalize_preprocess", recorder("finalize", {"rows": rows}))
     for stage, command in _commands(dag_module, root=root).items():
         argv = shlex.split(command)
         assert argv[:2] == ["embedpipe", stage]
         assert cli.main(argv[1:]) == 0
 
     run_dir = layout.run_dir(root, "20261123")
-    config, out, beam_args = calls["preprocess"]
-    assert (config.name, config.input.path, out) == ("taxi", "gs://b/logs/2026-11-23/*.csv", run_dir)
+    config, out, beam_args, kwargs = calls["preprocess"]
+    assert (config.name, config.input.path, out, kwargs) == (
+        "taxi",
+        "gs://b/logs/2026-11-23/*.csv",
+        run_dir,
+        {"wait": True},
+    )
     assert beam_args == BEAM_OPTIONS.split()
+    assert calls["finalize"][1] == run_dir
     assert calls["train"][1:] == (run_dir, {"baseline": False, "epochs": 3})
     assert calls["export"][1] == run_dir
     assert calls["publish"] == (root, "20261123", {"force": False})
@@ -282,7 +302,7 @@ def test_empty_dag_input_keeps_the_configs_input(dag_module, monkeypatch, tmp_pa
     seen = []
     rows = {"read": 1, "train": 1, "eval": 0, "dead_letter": 0}
     monkeypatch.setattr(
-        stages, "preprocess_job", lambda config, output_dir, beam_args: seen.append(config) or {"rows": rows}
+        stages, "preprocess_job", lambda config, output_dir, beam_args, wait: seen.append(config) or {"rows": rows}
     )
     default_path = stages.resolve(_preprocess_parser().parse_args(["--config", "taxi"]))[0].input.path
     stages.preprocess(shlex.split(_commands(dag_module, input="", root=str(tmp_path))["preprocess"])[2:])

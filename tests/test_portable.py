@@ -208,36 +208,6 @@ def test_portable_runner_matches_local_runner(portable, tmp_path):
     _assert_same_outputs(local_out, local, portable_out, portable_section)
 
 
-def test_counters_fall_back_to_attempted_metrics():
-    """Portable Flink reports attempted metrics only; the Python local job service committed only."""
-    from apache_beam.metrics import monitoring_infos
-    from apache_beam.portability.api import beam_job_api_pb2
-    from apache_beam.runners.portability.portable_runner import PortableMetrics
-
-    from pipeline import preprocess
-    from pipeline.transforms import NAMESPACE
-
-    def result(**by_kind):
-        metrics = PortableMetrics(
-            beam_job_api_pb2.GetJobMetricsResponse(
-                metrics=beam_job_api_pb2.MetricResults(
-                    **{
-                        kind: [
-                            monitoring_infos.int64_user_counter(NAMESPACE, name, n, ptransform=f"s{i}")
-                            for i, (name, n) in enumerate(counters)
-                        ]
-                        for kind, counters in by_kind.items()
-                    }
-                )
-            )
-        )
-        return type("Result", (), {"metrics": lambda self: metrics})()
-
-    counters = [("rows_read", 5), ("rows_read", 2), ("rows_train", 4)]
-    assert preprocess._counters(result(attempted=counters)) == {"rows_read": 7, "rows_train": 4}
-    assert preprocess._counters(result(committed=counters)) == {"rows_read": 7, "rows_train": 4}
-
-
 @pytest.mark.slow
 def test_portable_runner_matches_local_runner_collaborative(portable, tmp_path):
     from pipeline import synthetic

@@ -67,19 +67,18 @@ def preprocess_argv(argv: list[str]) -> list[str]:
     return translate(argv, cli_flags(preprocess_parser()))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | None:
+    """Runs `embedpipe preprocess` with the template's parameters.
+
+    Under a template launch (`--template_location`) the job only starts after this process
+    exits, so it is submitted without waiting; the job writes its own row counts into the run
+    (`preprocess/row_counts.json`) and `embedpipe train` finalises the manifest from them.
+
+    Returns:
+        The `preprocess` manifest section, or None for a template launch.
+    """
     argv = preprocess_argv(list(sys.argv[1:] if argv is None else argv))
-    if is_template_launch(argv):
-        # `stages.preprocess` waits for its job, then reads the job's counters and the transform
-        # output to write the run manifest (which `embedpipe publish` checks). Under a template
-        # launch the job does not exist until this process exits, so that would fail after the
-        # job graph was written. Refuse before doing anything instead.
-        raise SystemExit(
-            "embedpipe: error: a Flex Template launch (--template_location) cannot wait for the "
-            "preprocess job, and the run manifest needs it to; run `embedpipe preprocess ... "
-            "--runner DataflowRunner` in this image instead (deploy/README.md, 'Flex Template')"
-        )
-    return stages.preprocess(argv)
+    return stages.preprocess(argv, wait=not is_template_launch(argv))
 
 
 if __name__ == "__main__":
