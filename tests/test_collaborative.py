@@ -448,3 +448,19 @@ def test_the_recommender_serves_a_new_history_through_tensorflow_alone(watch_run
     assert result["project"] == []  # nothing of the project was imported: the SavedModel alone
     in_process = recommender.Recommender(os.path.join(base, "runs", "w1", "export")).recommend([history], k=5)[0]
     assert result["items"] == [key for key, _ in in_process] and not set(result["items"]) & set(history)
+
+
+def test_pairs_without_history_windows_are_the_same_pairs_in_the_same_order(watch_run):
+    _, _, out = watch_run
+    pattern = os.path.join(out, "runs", "w1", "preprocess", "data", "train-*.tfrecord.gz")
+    common = dict(
+        history=5, batch_size=64, pool_pairs=500, mean_pairs=20.0, seed=1, epoch=0, weighted=False,
+        validation=sequences.Validation(0.2, 2),
+    )  # fmt: skip
+    full = list(sequences.training_pairs(pattern, **common))
+    bare = list(sequences.training_pairs(pattern, **common, with_history=False))
+    assert len(full) == len(bare) > 1
+    for a, b in zip(full, bare):
+        assert a["history"].shape == (64, 5) and b["history"].shape == (64, 0)
+        for key in ("user", "target", "weight", "has_history", "valid"):
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())

@@ -370,9 +370,10 @@ class Data:
         self.eval_share = 1.0 if ev.users is None or self.eval_users <= ev.users else ev.users / self.eval_users
         self._validation_blocks = None
 
-    def pairs(self, epoch: int, validation: bool = True) -> tf.data.Dataset:
+    def pairs(self, epoch: int, validation: bool = True, with_history: bool = True) -> tf.data.Dataset:
         """One epoch of shuffled training pairs (`trainer.sequences.training_pairs`), the
-        validation slice left out (`validation`) or not."""
+        validation slice left out (`validation`) or not, with history windows or without
+        (`with_history`, for a model that reads none)."""
         t = self.config.training
         return sequences.training_pairs(
             self.train,
@@ -384,6 +385,7 @@ class Data:
             epoch=epoch,
             weighted=self.weighted,
             validation=self.validation if validation else sequences.Validation(0.0, self.validation.holdout),
+            with_history=with_history,
         )
 
     def validation_blocks(self) -> list[dict]:
@@ -465,7 +467,7 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
     what = f"train {name}" if validate or data.validation.share <= 0 else f"refit {name} on every pair"
     for epoch in range(epochs):
         progress = Progress(_LOG, f"{what}: epoch {epoch + 1}/{epochs}", total=data.train_pairs, unit="examples")
-        iterator, total, count = iter(data.pairs(epoch, validation=validate)), 0.0, 0
+        iterator, total, count = iter(data.pairs(epoch, validation=validate, with_history=needs_history)), 0.0, 0
         if not optimizer.built:
             loss, n = first(next(iterator))
             total, count = float(loss), 1

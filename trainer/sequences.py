@@ -114,6 +114,7 @@ def training_pairs(
     epoch: int,
     weighted: bool,
     validation: Validation,
+    with_history: bool = True,
 ) -> tf.data.Dataset:
     """Shuffled batches of training pairs for one epoch (see the module docstring).
 
@@ -128,6 +129,9 @@ def training_pairs(
             same way.
         weighted: the records have `weights`.
         validation: whose last targets to leave out.
+        with_history: build each pair's history window; False gives `history` int64 [batch, 0]
+            (a model that reads no history, e.g. two_tower, then costs no window gathers).
+            The pools, and so the order of the pairs, are the same either way.
 
     Returns:
         A dataset of pair batches (shapes in the module docstring).
@@ -138,7 +142,9 @@ def training_pairs(
     records = records.shuffle(4 * pool_records, seed=seed + epoch, reshuffle_each_iteration=False)
     pools = records.batch(pool_records).map(lambda s: _parse(s, weighted), num_parallel_calls=tf.data.AUTOTUNE)
     pools = pools.enumerate().map(
-        lambda i, r: _pairs(r, history, validation, weighted, tf.stack([tf.cast(seed + epoch, tf.int64), i])),
+        lambda i, r: _pairs(
+            r, history if with_history else 0, validation, weighted, tf.stack([tf.cast(seed + epoch, tf.int64), i])
+        ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
