@@ -57,7 +57,7 @@ from pipeline.transforms import (
     TransformAndWrite,
     WriteDeadLetters,
     WriteRowCounts,
-    rows_counted,
+    input_counts,
 )
 from schemas import layout
 from schemas.config import CollaborativeConfig, VocabularySide
@@ -375,9 +375,6 @@ def build_pipeline(p: beam.Pipeline, config: CollaborativeConfig, output_dir: st
         _ = (read[DEAD], validated[DEAD]) | "WriteDeadLetters" >> WriteDeadLetters(
             layout.dead_letter_prefix(output_dir)
         )
-        _ = (
-            read.rows | "CountRead" >> beam.Map(rows_counted, "read"),
-            counts,
-            read[DEAD] | "CountUnread" >> beam.Map(rows_counted, "dead_letter"),
-            validated[DEAD] | "CountInvalid" >> beam.Map(rows_counted, "dead_letter"),
-        ) | "WriteRowCounts" >> WriteRowCounts(layout.row_counts_path(output_dir))
+        _ = (*input_counts(read, validated), counts) | "WriteRowCounts" >> WriteRowCounts(
+            layout.row_counts_path(output_dir)
+        )

@@ -43,6 +43,7 @@ from pipeline.transforms import (
     TransformAndWrite,
     WriteDeadLetters,
     WriteRowCounts,
+    input_counts,
     rows_counted,
 )
 from schemas import layout
@@ -93,11 +94,9 @@ def build_pipeline(p: beam.Pipeline, config: Config, output_dir: str, temp_dir: 
             layout.dead_letter_prefix(output_dir)
         )
         _ = (
-            read.rows | "CountRead" >> beam.Map(rows_counted, "read"),
+            *input_counts(read, validated),
             split[TRAIN] | "CountTrain" >> beam.Map(rows_counted, "train"),
             split[EVAL] | "CountEval" >> beam.Map(rows_counted, "eval"),
-            read[DEAD] | "CountUnread" >> beam.Map(rows_counted, "dead_letter"),
-            validated[DEAD] | "CountInvalid" >> beam.Map(rows_counted, "dead_letter"),
         ) | "WriteRowCounts" >> WriteRowCounts(layout.row_counts_path(output_dir))
 
 

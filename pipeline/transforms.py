@@ -56,6 +56,7 @@ __all__ = [
     "WriteDeadLetters",
     "WriteExamples",
     "WriteRowCounts",
+    "input_counts",
     "rows_counted",
     "tensor_adapter_config",
 ]
@@ -306,6 +307,17 @@ class WriteRowCounts(beam.PTransform):
             | "ToJson" >> beam.Map(json.dumps, sort_keys=True)
             | "Write" >> beam.io.WriteToText(self.path, shard_name_template="", num_shards=1)
         )
+
+
+def input_counts(read, validated) -> tuple:
+    """The (name, rows) pair PCollections every job writes with `WriteRowCounts`: rows read, and
+    the dead letters of reading (`read[DEAD]`) and of validation (`validated[DEAD]`) by reason.
+    Each job adds its own split counts to them."""
+    return (
+        read.rows | "CountRead" >> beam.Map(rows_counted, "read"),
+        read[DEAD] | "CountUnread" >> beam.Map(rows_counted, "dead_letter"),
+        validated[DEAD] | "CountInvalid" >> beam.Map(rows_counted, "dead_letter"),
+    )
 
 
 def rows_counted(element, name: str) -> tuple[str, int]:

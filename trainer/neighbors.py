@@ -106,9 +106,7 @@ def showcase(
         closest[np.isin(candidates, picked)] = np.inf
         below = np.flatnonzero(closest < unlike)  # in frequency order
         picked.append(int(candidates[below[0] if len(below) else np.argmin(closest)]))
-    return [
-        (table.keys[row], index.top_k(index.unit @ index.unit[row], min(k, real - 1), exclude=row)) for row in picked
-    ]
+    return [(table.keys[row], index.neighbors(table.keys[row], min(k, real - 1))) for row in picked]
 
 
 def write_all_neighbors(table: EmbeddingTable, k: int, path: str, index=None) -> dict:
