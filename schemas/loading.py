@@ -586,14 +586,16 @@ class _Parser:
         models = self.string_list(list(models) if isinstance(models, tuple) else models, "training.models")
         for i, model in enumerate(models):
             self.string(model, f"training.models[{i}]", RETRIEVAL_MODELS)
+        batch_size = self.integer(get("batch_size"), "training.batch_size", 2)
         return RetrievalTraining(
             models=models,
-            batch_size=self.integer(get("batch_size"), "training.batch_size", 2),
+            batch_size=batch_size,
             epochs=self.integer(get("epochs"), "training.epochs"),
             learning_rate=self.number(get("learning_rate"), "training.learning_rate"),
             seed=self.integer(get("seed"), "training.seed", 0),
             patience=self.integer(get("patience"), "training.patience"),
             shuffle_buffer=self.integer(get("shuffle_buffer"), "training.shuffle_buffer", 2),
+            user_chunk=self.integer(get("user_chunk"), "training.user_chunk", 1, batch_size),
             refit=self.boolean(get("refit"), "training.refit"),
         )
 

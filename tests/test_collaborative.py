@@ -148,6 +148,99 @@ def test_pairs_are_every_target_with_the_items_before_it():
     assert sorted(held["target"].numpy().tolist()) == [3, 5, 6, 7]
 
 
+def _chunk_pairs(batch: dict, chunk: int) -> list[tuple]:
+    """(user, target, history window, has_history, weight) of each real target of a chunk batch,
+    the window read off the chunk's sequence."""
+    sequence, valid = batch["sequence"].numpy(), batch["valid"].numpy()
+    history = sequence.shape[1] - chunk
+    return [
+        (
+            int(batch["user"][i]),
+            int(batch["target"][i]),
+            tuple(sequence[i // chunk, i % chunk : i % chunk + history].tolist()),
+            bool(batch["has_history"][i]),
+            float(batch["weight"][i]),
+        )
+        for i in np.flatnonzero(valid)
+    ]
+
+
+def test_chunks_are_every_target_with_the_items_before_it_read_once():
+    records = _records([[5, 6, 7, 8, 9], [1, 2, 3]], start=[0, 2], last=[1, 0])
+    chunks = sequences._chunks(records, 2, 2, sequences.Validation(0.0, 1), False, tf.constant([0, 0], tf.int64))
+    got = sorted(
+        (tuple(s), tuple(t), tuple(v))
+        for s, t, v in zip(*(chunks[k].numpy().tolist() for k in ("sequence", "target", "valid")))
+    )
+    # record 0: targets 5 6 | 7 8 | 9; record 1: its two context items, then target 3
+    assert got == [
+        ((-1, -1, 5, 6), (5, 6), (True, True)),
+        ((1, 2, 3, -1), (3, 0), (True, False)),
+        ((5, 6, 7, 8), (7, 8), (True, True)),
+        ((7, 8, 9, -1), (9, 0), (True, False)),
+    ]
+    # a held-out validation target is neither a target nor read as anyone's history
+    held = sequences._chunks(records, 2, 2, sequences.Validation(1.0, 1), False, tf.constant([0, 0], tf.int64))
+    assert 9 not in held["sequence"].numpy() and 9 not in held["target"].numpy()
+    assert sorted(held["target"].numpy()[held["valid"].numpy()].tolist()) == [3, 5, 6, 7, 8]
+
+
+def test_a_chunks_queries_are_the_queries_of_its_targets_windows():
+    model = BagOfHistory(items=20, item_dim=3, max_history=4)
+    model.recency.assign([0.9, 0.1, -0.5, 0.3])
+    sequence = tf.constant([[-1, -1, -1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11, -1], [-1] * 7], tf.int64)  # chunk 3
+    queries, targets = model.sequence_queries(sequence, 3)
+    windows = tf.constant([sequence.numpy()[c, i : i + 4] for c in range(3) for i in range(3)])
+    np.testing.assert_allclose(queries.numpy(), model.query(None, windows).numpy(), rtol=1e-6, atol=1e-7)
+    rows = sequence.numpy()[:, 4:].reshape(-1)
+    table = model.item_table.embeddings.numpy()
+    expected = np.where((rows >= 0)[:, None], table[np.maximum(rows, 0)], 0.0)
+    np.testing.assert_allclose(targets.numpy(), expected, rtol=1e-6)
+    # the gradient reaches only real items' rows
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(queries * 0) + tf.reduce_sum(model.sequence_queries(sequence, 3)[0])
+    gradient = tape.gradient(loss, model.item_table.embeddings)
+    assert sorted(set(gradient.indices.numpy().tolist())) == list(range(2, 12))
+
+
+def test_same_user_targets_are_no_negatives_for_each_other():
+    query = tf.constant(np.eye(4, 3, dtype=np.float32))
+    targets, log_q, weights = tf.constant([0, 1, 2, 3], tf.int64), tf.zeros([4]), tf.ones([4])
+    by_user = retrieval.in_batch_softmax_loss(
+        query, query, targets, log_q, weights, users=tf.constant([7, 7, 8, 8], tf.int64)
+    )
+    logits = query.numpy() @ query.numpy().T
+    own = [[0, 2, 3], [1, 2, 3], [2, 0, 1], [3, 0, 1]]  # each target among the other user's only
+    expected = np.mean([np.log(np.exp(logits[i, cols]).sum()) - logits[i, i] for i, cols in enumerate(own)])
+    assert float(by_user) == pytest.approx(expected, rel=1e-5)
+    assert float(by_user) != pytest.approx(
+        float(retrieval.in_batch_softmax_loss(query, query, targets, log_q, weights))
+    )
+
+
+def test_the_losss_own_gradient_is_autodiffs():
+    rng = np.random.default_rng(5)
+    query, candidates = (tf.constant(rng.normal(size=(6, 3)).astype(np.float32)) for _ in range(2))
+    targets = tf.constant([0, 1, 1, 2, 3, 4], tf.int64)  # an accidental hit
+    log_q, weights = tf.constant(np.log(rng.random(5)).astype(np.float32)), tf.constant([1.0, 2.0, 1.0, 0.5, 0.0, 1.0])
+    valid = tf.constant([True] * 5 + [False])
+
+    def reference(q, c):  # the same loss through autodiff of TensorFlow's cross-entropy
+        logits = tf.matmul(q, c, transpose_b=True) - tf.gather(log_q, targets)[None, :]
+        masked = (tf.equal(targets[:, None], targets[None, :]) & ~tf.eye(6, dtype=tf.bool)) | ~valid[None, :]
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(tf.range(6), tf.where(masked, -1e9, logits))
+        return tf.reduce_sum(losses * weights) / tf.reduce_sum(weights)
+
+    results = []
+    for loss in (reference, lambda q, c: retrieval.in_batch_softmax_loss(q, c, targets, log_q, weights, valid)):
+        with tf.GradientTape() as tape:
+            tape.watch([query, candidates])
+            value = loss(query, candidates)
+        results.append([value, *tape.gradient(value, [query, candidates])])
+    for want, got in zip(*results):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_batches_are_one_size_and_padding_is_no_ones_negative():
     pool = {"target": tf.range(5, dtype=tf.int64), "weight": tf.ones([5]), "history": tf.zeros([5, 2], tf.int64)}
     pool.update(user=tf.zeros([5], tf.int64), has_history=tf.ones([5], tf.bool))
@@ -464,3 +557,24 @@ def test_pairs_without_history_windows_are_the_same_pairs_in_the_same_order(watc
         assert a["history"].shape == (64, 5) and b["history"].shape == (64, 0)
         for key in ("user", "target", "weight", "has_history", "valid"):
             np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+def test_chunk_batches_hold_every_pair_once_with_its_history(watch_run):
+    _, _, out = watch_run
+    pattern = os.path.join(out, "runs", "w1", "preprocess", "data", "train-*.tfrecord.gz")
+    common = dict(
+        history=5, batch_size=64, pool_pairs=500, mean_pairs=20.0, seed=1, epoch=0, weighted=False,
+        validation=sequences.Validation(0.2, 2),
+    )  # fmt: skip
+    pairs = [
+        (int(u), int(t), tuple(h.tolist()), bool(has), float(w))
+        for b in sequences.training_pairs(pattern, **common)
+        for u, t, h, has, w, ok in zip(
+            *(b[k].numpy() for k in ("user", "target", "history", "has_history", "weight", "valid"))
+        )
+        if ok
+    ]
+    batches = list(sequences.training_pairs(pattern, **common, chunk=4))
+    assert all(b["target"].shape == (64,) and b["sequence"].shape == (16, 9) for b in batches)
+    chunked = [p for b in batches for p in _chunk_pairs(b, 4)]
+    assert len(pairs) > 1000 and sorted(chunked) == sorted(pairs)

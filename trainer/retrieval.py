@@ -21,7 +21,11 @@ recommender's SavedModel, `trainer.recommender`).
 
 All train with an in-batch softmax over the batch's target items, corrected for candidate
 popularity (logQ: the log of each item's share of training interactions is subtracted from its
-logit) and with accidental hits (the same item twice in a batch) masked. Tables are
+logit) and with accidental hits (the same item twice in a batch) masked, and the user's own
+other targets where a batch holds several of them on purpose: with `training.user_chunk` > 1,
+bag_of_history reads its pairs in chunks of that many consecutive targets of one user
+(`BagOfHistory.sequence_queries`: each item row of a chunk is read once; faster, but on
+MovieLens it scored lower, so it is opt-in). Tables are
 `trainer.sparse.SparseEmbedding`s updated by `SparseAwareOptimizer` (lazy Adam: only the rows
 in the batch and their moments are touched), so a step costs the same for 5,000 or 500,000 items.
 
@@ -154,6 +158,36 @@ class BagOfHistory(keras.Model):
     def history_query(self, history: tf.Tensor) -> tf.Tensor:
         """The query of a history (`query` without a user): the same vector."""
         return self.query(None, history)
+
+    def sequence_queries(self, sequence: tf.Tensor, chunk: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """The queries and target vectors of chunks of consecutive targets (training, with
+        `training.user_chunk`): each item row of a chunk is read once, and every target's query
+        pools the H items before it (`query` of its window, the same vector).
+
+        Args:
+            sequence: int64 [C, H + chunk]: H history items, then the chunk's targets; -1 where
+                there is none (the weights see only real items, and no padding row is read).
+            chunk: targets per chunk.
+
+        Returns:
+            (queries, targets), float32 [C * chunk, dim] each; target c * chunk + i is the item
+            at column H + i of chunk c, its query pools columns i .. H + i - 1 (zeros for none).
+        """
+        sequence = tf.convert_to_tensor(sequence)
+        width = sequence.shape[1]
+        history = width - chunk
+        valid = sequence >= 0
+        where = tf.where(valid)
+        shape = tf.concat([tf.shape(sequence, out_type=tf.int64), [self.item_table.output_dim]], 0)
+        x = tf.scatter_nd(where, self.item_table(tf.gather_nd(sequence, where)), shape)  # [C, W, d]
+        # band[i, j]: weight of column j in target i's query; position from the end H + i - 1 - j
+        position = history - 1 + tf.range(chunk)[:, None] - tf.range(width)[None, :]
+        inside = (position >= 0) & (position < history)
+        band = tf.where(inside, tf.exp(tf.gather(self.recency, tf.clip_by_value(position, 0, history - 1))), 0.0)
+        weights = band[None] * tf.cast(valid, tf.float32)[:, None, :]  # [C, chunk, W]
+        pooled = tf.einsum("ckw,cwd->ckd", weights, x) / tf.maximum(tf.reduce_sum(weights, -1), 1e-9)[..., None]
+        dim = self.item_table.output_dim
+        return tf.reshape(pooled, [-1, dim]), tf.reshape(x[:, history:], [-1, dim])
 
     def history_weights(self) -> list[float]:
         """Relative weight of each position from the end (newest first), the newest scaled to 1."""
@@ -307,11 +341,12 @@ def load_model(path: str, name: str, users: TableSpec, items: TableSpec, max_his
     return model
 
 
-def in_batch_softmax_loss(query, candidates, targets, log_q, weights, valid=None):
+def in_batch_softmax_loss(query, candidates, targets, log_q, weights, valid=None, users=None):
     """Softmax over the batch's targets, logQ-corrected, accidental hits masked; weighted mean.
 
     Example i's positive is candidate i; the other examples' targets are its negatives, except
-    those that are the same item (accidental hits, masked). Each candidate's logit is lowered by
+    those that are the same item (accidental hits) or, given `users`, another target of the same
+    user (an item the user did watch is no negative for them): masked. Each candidate's logit is lowered by
     the log of its share of training interactions (logQ), which undoes the popularity bias of
     sampling negatives in proportion to it.
 
@@ -322,19 +357,46 @@ def in_batch_softmax_loss(query, candidates, targets, log_q, weights, valid=None
         log_q: float32 [items], log of each item's share of training interactions.
         weights: float32 [batch], each example's weight (0 drops it).
         valid: bool [batch], False for padding examples, which are no one's negative either.
+        users: int64 [batch], each example's user row.
 
     Returns:
         The weighted mean cross-entropy, a float32 scalar.
     """
-    logits = tf.matmul(query, candidates, transpose_b=True) - tf.gather(log_q, targets)[None, :]
-    same = tf.equal(targets[:, None], targets[None, :])
-    accidental = tf.logical_and(same, tf.logical_not(tf.eye(tf.shape(targets)[0], dtype=tf.bool)))
-    if valid is not None:
-        accidental = tf.logical_or(accidental, tf.logical_not(valid)[None, :])
-    logits = tf.where(accidental, tf.constant(-1e9, logits.dtype), logits)
-    labels = tf.range(tf.shape(targets)[0])
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1e-9)
+    n = tf.shape(targets)[0]
+    valid = tf.ones([n], tf.bool) if valid is None else valid
+    users = tf.range(n, dtype=targets.dtype) if users is None else users  # distinct: no one masked
+    return _softmax_cross_entropy(query, candidates, targets, tf.gather(log_q, targets), weights, valid, users)
+
+
+@tf.custom_gradient
+def _softmax_cross_entropy(query, candidates, targets, log_q, weights, valid, users):
+    """`in_batch_softmax_loss` with its gradient computed with the loss: the [batch, batch]
+    element-wise work is one XLA function, which also gives the logits' gradient G, so the
+    backward pass is just G @ candidates and G^T @ query (~2x faster than autodiff's)."""
+    loss, g = _masked_softmax(tf.matmul(query, candidates, transpose_b=True), targets, log_q, weights, valid, users)
+
+    def gradient(upstream):
+        return upstream * tf.matmul(g, candidates), upstream * tf.matmul(g, query, transpose_a=True), *[None] * 5
+
+    return loss, gradient
+
+
+@tf.function(jit_compile=True)
+def _masked_softmax(scores, targets, log_q, weights, valid, users):
+    """(loss, dloss/dscores) of the in-batch softmax over `scores` [batch, batch] (query i x
+    candidate j), logQ-corrected (`log_q` [batch], the candidates'), masked, weighted mean."""
+    n = tf.shape(targets)[0]
+    diagonal = tf.eye(n, dtype=tf.bool)
+    same = tf.equal(targets[:, None], targets[None, :]) | tf.equal(users[:, None], users[None, :])
+    masked = (same & ~diagonal) | ~valid[None, :]
+    logits = tf.where(masked, tf.constant(-1e9, scores.dtype), scores - log_q[None, :])
+    top = tf.reduce_max(logits, axis=1, keepdims=True)
+    exp = tf.exp(logits - top)
+    total = tf.reduce_sum(exp, axis=1, keepdims=True)
+    losses = tf.math.log(total[:, 0]) + top[:, 0] - tf.linalg.diag_part(logits)
+    weight = weights / tf.maximum(tf.reduce_sum(weights), 1e-9)
+    g = tf.where(masked, 0.0, exp / total - tf.cast(diagonal, scores.dtype)) * weight[:, None]  # masked: constant
+    return tf.reduce_sum(losses * weight), g
 
 
 class Data:
@@ -370,10 +432,10 @@ class Data:
         self.eval_share = 1.0 if ev.users is None or self.eval_users <= ev.users else ev.users / self.eval_users
         self._validation_blocks = None
 
-    def pairs(self, epoch: int, validation: bool = True, with_history: bool = True) -> tf.data.Dataset:
+    def pairs(self, epoch: int, validation: bool = True, with_history: bool = True, chunk: int = 1) -> tf.data.Dataset:
         """One epoch of shuffled training pairs (`trainer.sequences.training_pairs`), the
         validation slice left out (`validation`) or not, with history windows or without
-        (`with_history`, for a model that reads none)."""
+        (`with_history`, for a model that reads none), or in chunks of `chunk` targets."""
         t = self.config.training
         return sequences.training_pairs(
             self.train,
@@ -386,6 +448,7 @@ class Data:
             weighted=self.weighted,
             validation=self.validation if validation else sequences.Validation(0.0, self.validation.holdout),
             with_history=with_history,
+            chunk=chunk,
         )
 
     def validation_blocks(self) -> list[dict]:
@@ -431,8 +494,7 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
     """
     t, headline = data.config.training, data.config.evaluation.headline
     needs_history = not isinstance(model, TwoTower)
-    # XLA fuses the [batch, batch] logits' element-wise work (~1.7x faster than without)
-    loss_fn = tf.function(in_batch_softmax_loss, jit_compile=True)
+    chunk = t.user_chunk if hasattr(model, "sequence_queries") else 1
     # Tables go row-wise through lazy Adam; the few dense weights (history recency) through Adam.
     optimizer = SparseAwareOptimizer(
         learning_rate=t.learning_rate, algorithm="lazy_adam", dense_optimizer=keras.optimizers.Adam(t.learning_rate)
@@ -441,10 +503,13 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
     def step(batch):
         weight = batch["weight"] * (tf.cast(batch["has_history"], tf.float32) if needs_history else 1.0)
         with tf.GradientTape() as tape:
-            query = model.query(batch["user"], batch["history"])
-            loss = loss_fn(
-                query, model.item_table(batch["target"]), batch["target"], data.log_q, weight, batch["valid"]
-            )
+            if chunk > 1:
+                query, candidates = model.sequence_queries(batch["sequence"], chunk)
+            else:
+                query, candidates = model.query(batch["user"], batch["history"]), model.item_table(batch["target"])
+            # a chunk's targets are one user's: none of them is a negative for the others
+            users = batch["user"] if chunk > 1 else None
+            loss = in_batch_softmax_loss(query, candidates, batch["target"], data.log_q, weight, batch["valid"], users)
         variables = model.trainable_variables
         optimizer.apply(tape.gradient(loss, variables), variables)
         return loss, tf.math.count_nonzero(batch["valid"])
@@ -467,7 +532,8 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
     what = f"train {name}" if validate or data.validation.share <= 0 else f"refit {name} on every pair"
     for epoch in range(epochs):
         progress = Progress(_LOG, f"{what}: epoch {epoch + 1}/{epochs}", total=data.train_pairs, unit="examples")
-        iterator, total, count = iter(data.pairs(epoch, validation=validate, with_history=needs_history)), 0.0, 0
+        iterator = iter(data.pairs(epoch, validation=validate, with_history=needs_history, chunk=chunk))
+        total, count = 0.0, 0
         if not optimizer.built:
             loss, n = first(next(iterator))
             total, count = float(loss), 1

@@ -8,6 +8,12 @@ The records are those of `pipeline.collaborative` (`schemas.features.transformed
   parallel, records through a shuffle buffer, and the pairs of a pool of records (about
   `pool_pairs`) permuted together before they are cut into batches, so one batch mixes many
   users. The validation targets (`Validation`) are left out.
+  With `chunk` > 1 (bag_of_history, `training.user_chunk`) the pool is cut into chunks of up
+  to `chunk` consecutive training targets of one record instead, each with the `max_history`
+  items before its first target: the targets' history windows overlap, so a chunk's item rows
+  are read once rather than once per target (`BagOfHistory.sequence_queries`). The chunks are
+  permuted and batched like pairs; a batch's targets are then those of `batch_size // chunk`
+  chunks.
 * `validation_blocks`: for the validation users, the last `validation_holdout` training items of
   their (last) train record as targets, the items before them as history and seen set.
 * `eval_blocks`: the eval records (held-out targets), optionally a deterministic sample of users.
@@ -15,7 +21,9 @@ The records are those of `pipeline.collaborative` (`schemas.features.transformed
 
 Shapes: a pair batch is {"user": int64 [B], "history": int64 [B, H], "target": int64 [B],
 "weight": float32 [B], "has_history": bool [B], "valid": bool [B] (False: padding, in the last
-batch of a pool)}; a block is {"user": int64 [b], "history": int64
+batch of a pool)}; a chunk batch has "sequence": int64 [C, H + chunk] (the H items before the
+chunk's first target, then its targets; -1 where there is none or the target is not trained on)
+instead of "history", and B = C * chunk (target i of chunk c is entry c * chunk + i); a block is {"user": int64 [b], "history": int64
 [b, H], "seen": ragged int64 [b, (n)], "targets": ragged int64 [b, (t)]}.
 """
 
@@ -83,12 +91,9 @@ def windows(items: tf.RaggedTensor, positions: tf.Tensor, rows: tf.Tensor, histo
 def _pairs(records: dict, history: int, validation: Validation, weighted: bool, seed) -> dict:
     """Every training pair of a pool of parsed records, permuted (stateless, by `seed`)."""
     items = records["items"]
-    lengths = items.row_lengths()
-    start = records["start"]
-    held = tf.where(validation.users(records["user"], records["last"], lengths - start), validation.holdout, 0)
-    stop = lengths - tf.cast(held, tf.int64)
+    start, stop = _trained(records, validation)
     counts = tf.maximum(stop - start, 0)
-    rows = tf.repeat(tf.range(tf.shape(lengths, out_type=tf.int64)[0]), counts)
+    rows = tf.repeat(tf.range(tf.shape(start, out_type=tf.int64)[0]), counts)
     positions = tf.ragged.range(start, tf.maximum(stop, start)).flat_values
     flat = tf.gather(items.row_splits, rows) + positions
     weight = tf.gather(records[WEIGHTS].flat_values, flat) if weighted else tf.ones_like(positions, tf.float32)
@@ -99,8 +104,53 @@ def _pairs(records: dict, history: int, validation: Validation, weighted: bool, 
         "weight": weight,
         "has_history": positions > 0,
     }
-    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(rows)[0]), seed=seed)
-    return {k: tf.gather(v, order) for k, v in pairs.items()}
+    return _permuted(pairs, seed)
+
+
+def _permuted(pool: dict, seed) -> dict:
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(pool["target"])[0]), seed=seed)
+    return {k: tf.gather(v, order) for k, v in pool.items()}
+
+
+def _trained(records: dict, validation: Validation) -> tuple[tf.Tensor, tf.Tensor]:
+    """int64 [records] each: the first and one past the last position a record trains on."""
+    lengths = records["items"].row_lengths()
+    start = records["start"]
+    held = tf.where(validation.users(records["user"], records["last"], lengths - start), validation.holdout, 0)
+    return start, lengths - tf.cast(held, tf.int64)
+
+
+def _chunks(records: dict, history: int, chunk: int, validation: Validation, weighted: bool, seed) -> dict:
+    """Every training target of a pool of parsed records in chunks of up to `chunk` consecutive
+    targets of one record, each with the `history` items before its first target, permuted.
+
+    Returns:
+        {"user": int64 [n], "sequence": int64 [n, history + chunk], and [n, chunk] each:
+        "target" (0 where none), "weight" (0 where none), "has_history", "valid"}.
+    """
+    items = records["items"]
+    start, stop = _trained(records, validation)
+    n_chunks = (tf.maximum(stop - start, 0) + chunk - 1) // chunk
+    rows = tf.repeat(tf.range(tf.shape(start, out_type=tf.int64)[0]), n_chunks)
+    first = tf.gather(start, rows) + tf.ragged.range(n_chunks).flat_values * chunk
+    positions = first[:, None] + tf.range(-history, chunk, dtype=tf.int64)[None, :]
+    inside = (positions >= 0) & (positions < tf.gather(stop, rows)[:, None])  # nothing held out is read
+    flat = tf.gather(items.row_splits, rows)[:, None] + tf.where(inside, positions, 0)
+    sequence = tf.where(inside, tf.gather(items.flat_values, flat), tf.constant(-1, tf.int64))
+    valid = inside[:, history:]
+    if weighted:
+        weight = tf.where(valid, tf.gather(records[WEIGHTS].flat_values, flat[:, history:]), 0.0)
+    else:
+        weight = tf.cast(valid, tf.float32)
+    chunks = {
+        "user": tf.gather(records["user"], rows),
+        "sequence": sequence,
+        "target": tf.where(valid, sequence[:, history:], tf.constant(0, tf.int64)),
+        "weight": weight,
+        "has_history": valid & (positions[:, history:] > 0),
+        "valid": valid,
+    }
+    return _permuted(chunks, seed)
 
 
 def training_pairs(
@@ -115,6 +165,7 @@ def training_pairs(
     weighted: bool,
     validation: Validation,
     with_history: bool = True,
+    chunk: int = 1,
 ) -> tf.data.Dataset:
     """Shuffled batches of training pairs for one epoch (see the module docstring).
 
@@ -132,36 +183,50 @@ def training_pairs(
         with_history: build each pair's history window; False gives `history` int64 [batch, 0]
             (a model that reads no history, e.g. two_tower, then costs no window gathers).
             The pools, and so the order of the pairs, are the same either way.
+        chunk: > 1: chunk batches of `batch_size // chunk` chunks of up to `chunk` consecutive
+            targets of one record (with a history: `with_history` is then implied).
 
     Returns:
-        A dataset of pair batches (shapes in the module docstring).
+        A dataset of pair (or chunk) batches (shapes in the module docstring).
     """
     pool_pairs = max(batch_size, min(pool_pairs, MAX_POOL_ENTRIES // max(history, 1)))
     pool_records = max(1, int(pool_pairs / max(mean_pairs, 1.0)))
     records = read_records(record_files(pattern), shuffle=True, seed=seed + epoch)
     records = records.shuffle(4 * pool_records, seed=seed + epoch, reshuffle_each_iteration=False)
     pools = records.batch(pool_records).map(lambda s: _parse(s, weighted), num_parallel_calls=tf.data.AUTOTUNE)
-    pools = pools.enumerate().map(
-        lambda i, r: _pairs(
-            r, history if with_history else 0, validation, weighted, tf.stack([tf.cast(seed + epoch, tf.int64), i])
-        ),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
-    return pools.flat_map(lambda p: _batches(p, batch_size)).prefetch(2)
+
+    def cut(i, r):
+        pool_seed = tf.stack([tf.cast(seed + epoch, tf.int64), i])
+        if chunk > 1:
+            return _chunks(r, history, chunk, validation, weighted, pool_seed)
+        return _pairs(r, history if with_history else 0, validation, weighted, pool_seed)
+
+    pools = pools.enumerate().map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if chunk <= 1:
+        return pools.flat_map(lambda p: _batches(p, batch_size)).prefetch(2)
+    batches = pools.flat_map(lambda p: _batches(p, max(1, batch_size // chunk)))
+    return batches.map(_flat_chunks, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def _flat_chunks(batch: dict) -> dict:
+    """A batch of chunks with its per-target fields [C, chunk] flattened to [C * chunk] and the
+    chunk's user repeated for each of its targets."""
+    chunk = tf.shape(batch["target"])[1]
+    flat = {k: tf.reshape(v, [-1]) for k, v in batch.items() if k not in ("user", "sequence")}
+    return {**flat, "user": tf.repeat(batch["user"], chunk), "sequence": batch["sequence"]}
 
 
 # What a padding pair holds (`valid` False): it weighs nothing and is no one's negative.
-_PADDING = {"user": 0, "history": -1, "target": 0, "weight": 0.0, "has_history": False, "valid": False}
+_PADDING = {"user": 0, "history": -1, "sequence": -1, "target": 0, "weight": 0.0, "has_history": False, "valid": False}
 
 
 def _batches(pool: dict, batch_size: int) -> tf.data.Dataset:
     """A permuted pool cut into batches in the graph: one dataset element per batch, not per pair.
-    Every batch has `batch_size` pairs (one shape, so the step compiles once); the last one of a
-    pool is filled up with padding pairs (`valid` False)."""
+    Every batch has `batch_size` pairs (or chunks; one shape, so the step compiles once); the
+    last one of a pool is filled up with padding (`valid` False)."""
     n = tf.shape(pool["target"])[0]
     fill = (batch_size - n % batch_size) % batch_size
-    pool = {**pool, "valid": tf.ones([n], tf.bool)}
+    pool = {"valid": tf.ones([n], tf.bool), **pool}  # chunks bring their own
 
     def padded(key, v):
         shape = tf.concat([[fill], tf.shape(v)[1:]], 0)

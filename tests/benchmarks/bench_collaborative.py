@@ -55,7 +55,7 @@ EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0, 3000.0)
 EASE_TAUS = (None, 5.0, 20.0, 50.0)  # None: binary user rows
 
 
-def prepare(dataset: str, out: str, reuse: bool):
+def prepare(dataset: str, out: str, reuse: bool, user_chunk: int | None = None):
     from pipeline import datasets, preprocess
     from schemas import layout
     from schemas.loading import load_config
@@ -66,6 +66,8 @@ def prepare(dataset: str, out: str, reuse: bool):
     if not (reuse and os.path.exists(interactions)):
         interactions = datasets.write_example(dataset, data)
     config = load_config(dataset).with_input_path(interactions)
+    if user_chunk is not None:
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, user_chunk=user_chunk))
     if config.metadata is not None:
         items = os.path.join(os.path.dirname(interactions), "items.parquet")
         config = dataclasses.replace(config, metadata=dataclasses.replace(config.metadata, path=items))
@@ -277,9 +279,10 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, help="override the config's (maximum) epochs for our models")
     parser.add_argument("--seed", type=int, default=0, help="ALS seed")
     parser.add_argument("--no-ease", action="store_true", help="skip EASE (items^2 memory)")
+    parser.add_argument("--user-chunk", type=int, help="override training.user_chunk (bag_of_history's chunks)")
     args = parser.parse_args(argv)
     out = args.output or os.path.join("/tmp/bench", args.dataset)
-    config = prepare(args.dataset, out, args.reuse)
+    config = prepare(args.dataset, out, args.reuse, args.user_chunk)
     section = run_ours(config, out, args.epochs)
     matrix, data = train_matrix(config, out)
     als_rows, als_default = run_als(matrix, data, QUICK_GRID if args.quick else GRID, args.seed)

@@ -20,7 +20,8 @@ preprocess seconds), each model's examples per second over its epochs, and the q
 `--als` also times implicit's ALS (64 factors, 15 iterations, the `bench` extra) on the same
 interactions (user x item counts, all of them); `--recommend` times `embedpipe recommend
 RUN/export --all -k 20`, exact and `--approximate` (the `ann` extra; the index build included),
-each in a fresh process with its peak RSS. Results go to OUTPUT/results.json as well.
+each in a fresh process with its peak RSS. `--user-chunk N` runs a copy of the config with
+`training.user_chunk: N` (bag_of_history's chunked pairs). Results go to OUTPUT/results.json as well.
 """
 
 from __future__ import annotations
@@ -104,10 +105,27 @@ def measure(command: list[str], log_path: str) -> dict:
     }
 
 
-def run_embedpipe(interactions: str, items: str, out: str, epochs: int) -> dict:
+def config_with(out: str, user_chunk: int | None) -> str:
+    """The bundled `watchlogs` config, or a copy of it beside OUT with `training.user_chunk`."""
+    if user_chunk is None:
+        return "watchlogs"
+    import yaml
+
+    from schemas.loading import resolve_config_path
+
+    with open(resolve_config_path("watchlogs")) as f:
+        raw = yaml.safe_load(f)
+    raw["training"]["user_chunk"] = user_chunk
+    path = f"{out}.watchlogs.yaml"
+    with open(path, "w") as f:
+        yaml.safe_dump(raw, f)
+    return path
+
+
+def run_embedpipe(interactions: str, items: str, out: str, epochs: int, user_chunk: int | None = None) -> dict:
     run_id = "bench"
     command = [
-        sys.executable, "-m", "embedpipe.cli", "run", "--config", "watchlogs", "--input", interactions,
+        sys.executable, "-m", "embedpipe.cli", "run", "--config", config_with(out, user_chunk), "--input", interactions,
         "--item-metadata", items, "--output", out, "--run-id", run_id, "--epochs", str(epochs),
     ]  # fmt: skip
     if os.path.exists(os.path.join(out, "runs", run_id)):
@@ -184,12 +202,13 @@ def main(argv=None) -> None:
         action="store_true",
         help="also time `recommend --all -k 20`, exact and --approximate (ann extra)",
     )
+    parser.add_argument("--user-chunk", type=int, help="override training.user_chunk of the watchlogs config")
     args = parser.parse_args(argv)
     results = []
     for scale in args.scales:
         interactions, items = make_input(scale, args.output)
         out = os.path.join(args.output, f"run-{scale:g}")
-        result = run_embedpipe(interactions, items, out, args.epochs)
+        result = run_embedpipe(interactions, items, out, args.epochs, args.user_chunk)
         row = summary(scale, result)
         if args.als:
             row["als_fit_s"] = als_fit_seconds(interactions)
