@@ -543,13 +543,19 @@ def test_the_recommender_serves_a_new_history_through_tensorflow_alone(watch_run
     assert result["items"] == [key for key, _ in in_process] and not set(result["items"]) & set(history)
 
 
-def test_pairs_without_history_windows_are_the_same_pairs_in_the_same_order(watch_run):
+def _pair_settings(watch_run) -> tuple[str, dict]:
+    """The tiny watch run's train shards and one epoch's `training_pairs` settings."""
     _, _, out = watch_run
     pattern = os.path.join(out, "runs", "w1", "preprocess", "data", "train-*.tfrecord.gz")
     common = dict(
         history=5, batch_size=64, pool_pairs=500, mean_pairs=20.0, seed=1, epoch=0, weighted=False,
         validation=sequences.Validation(0.2, 2),
     )  # fmt: skip
+    return pattern, common
+
+
+def test_pairs_without_history_windows_are_the_same_pairs_in_the_same_order(watch_run):
+    pattern, common = _pair_settings(watch_run)
     full = list(sequences.training_pairs(pattern, **common))
     bare = list(sequences.training_pairs(pattern, **common, with_history=False))
     assert len(full) == len(bare) > 1
@@ -560,12 +566,7 @@ def test_pairs_without_history_windows_are_the_same_pairs_in_the_same_order(watc
 
 
 def test_chunk_batches_hold_every_pair_once_with_its_history(watch_run):
-    _, _, out = watch_run
-    pattern = os.path.join(out, "runs", "w1", "preprocess", "data", "train-*.tfrecord.gz")
-    common = dict(
-        history=5, batch_size=64, pool_pairs=500, mean_pairs=20.0, seed=1, epoch=0, weighted=False,
-        validation=sequences.Validation(0.2, 2),
-    )  # fmt: skip
+    pattern, common = _pair_settings(watch_run)
     pairs = [
         (int(u), int(t), tuple(h.tolist()), bool(has), float(w))
         for b in sequences.training_pairs(pattern, **common)

@@ -176,9 +176,10 @@ class BagOfHistory(keras.Model):
         sequence = tf.convert_to_tensor(sequence)
         width = sequence.shape[1]
         history = width - chunk
+        dim = self.item_table.output_dim
         valid = sequence >= 0
         where = tf.where(valid)
-        shape = tf.concat([tf.shape(sequence, out_type=tf.int64), [self.item_table.output_dim]], 0)
+        shape = tf.concat([tf.shape(sequence, out_type=tf.int64), [dim]], 0)
         x = tf.scatter_nd(where, self.item_table(tf.gather_nd(sequence, where)), shape)  # [C, W, d]
         # band[i, j]: weight of column j in target i's query; position from the end H + i - 1 - j
         position = history - 1 + tf.range(chunk)[:, None] - tf.range(width)[None, :]
@@ -186,7 +187,6 @@ class BagOfHistory(keras.Model):
         band = tf.where(inside, tf.exp(tf.gather(self.recency, tf.clip_by_value(position, 0, history - 1))), 0.0)
         weights = band[None] * tf.cast(valid, tf.float32)[:, None, :]  # [C, chunk, W]
         pooled = tf.einsum("ckw,cwd->ckd", weights, x) / tf.maximum(tf.reduce_sum(weights, -1), 1e-9)[..., None]
-        dim = self.item_table.output_dim
         return tf.reshape(pooled, [-1, dim]), tf.reshape(x[:, history:], [-1, dim])
 
     def history_weights(self) -> list[float]:

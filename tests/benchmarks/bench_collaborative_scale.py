@@ -34,6 +34,10 @@ import sys
 import threading
 import time
 
+import yaml
+
+from schemas.loading import resolve_config_path
+
 DEFAULT_OUTPUT = "/tmp/embedpipe_bench_scale"
 ITEMS = 500_000
 MEAN_INTERACTIONS = 50
@@ -109,10 +113,6 @@ def config_with(out: str, user_chunk: int | None) -> str:
     """The bundled `watchlogs` config, or a copy of it beside OUT with `training.user_chunk`."""
     if user_chunk is None:
         return "watchlogs"
-    import yaml
-
-    from schemas.loading import resolve_config_path
-
     with open(resolve_config_path("watchlogs")) as f:
         raw = yaml.safe_load(f)
     raw["training"]["user_chunk"] = user_chunk
