@@ -39,7 +39,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
-        help=f"bundled config name or path to a YAML config (default: {DEFAULT_CONFIG})",
+        help=f"bundled config name or path to a YAML config, local or gs:// (default: {DEFAULT_CONFIG})",
     )
     parser.add_argument("--input", help="input file or glob; overrides input.path of the config")
     parser.add_argument(

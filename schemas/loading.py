@@ -16,10 +16,12 @@ import dataclasses
 import json
 import math
 import os
+import posixpath
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
+import tensorflow as tf
 import yaml
 
 from schemas.config import (
@@ -65,6 +67,8 @@ def resolve_config_path(name_or_path: str) -> str:
     Raises:
         ConfigError: neither a file nor a bundled config.
     """
+    if "://" in name_or_path:  # gs:// and the like: read through TensorFlow's filesystems
+        return name_or_path
     if os.path.isfile(name_or_path):
         return os.path.abspath(name_or_path)
     bundled = resources.files("schemas").joinpath(f"{name_or_path}.yaml")
@@ -79,7 +83,8 @@ def load_config(name_or_path: str) -> Config | CollaborativeConfig:
     """Loads and validates a config.
 
     Args:
-        name_or_path: a YAML file, or the name of a bundled config.
+        name_or_path: a YAML file (local, or any URL tf.io.gfile reads: gs://), or the name of a
+            bundled config.
 
     Returns:
         A `CollaborativeConfig` for `task: collaborative`, else a (supervised) `Config`.
@@ -89,14 +94,36 @@ def load_config(name_or_path: str) -> Config | CollaborativeConfig:
     """
     path = resolve_config_path(name_or_path)
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+        raw = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
     parser = _Parser(path)
     if isinstance(raw, dict) and raw.get("task") == "collaborative":
         return parser.collaborative(raw)
     return parser.config(raw)
+
+
+def _read_text(path: str) -> str:
+    """The config file's text, from local disk or any filesystem tf.io.gfile reaches (gs://)."""
+    if "://" not in path:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except tf.errors.NotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tf.errors.OpError as e:
+        raise ConfigError(f"{path}: cannot read the config: {e.message}") from None
+
+
+def _beside(config_path: str, path: str) -> str:
+    """`path` relative to the folder of the config file at `config_path` (a local path or a URL)."""
+    if "://" not in config_path:
+        return os.path.normpath(os.path.join(os.path.dirname(config_path), path))
+    scheme, _, rest = config_path.partition("://")
+    bucket, _, key = rest.partition("/")
+    return f"{scheme}://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(key), path)).lstrip("/")
 
 
 def field_names(cls, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -203,7 +230,7 @@ class _Parser:
         """A path field: a URL or absolute path as it is, a relative one from the config's folder."""
         path = self.string(value, where)
         if "://" not in path and not os.path.isabs(path):
-            path = os.path.normpath(os.path.join(os.path.dirname(self.path), path))
+            path = _beside(self.path, path)
         return path
 
     # -- columns -------------------------------------------------------------------------------

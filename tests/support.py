@@ -1,17 +1,23 @@
 """Paths and helpers several test modules share (fixtures are in conftest.py)."""
 
+import importlib.util
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from schemas import layout
-from schemas.manifest import update_manifest
+from schemas.manifest import read_manifest, update_manifest
 from schemas.tables import TableSpec
 from trainer.export import write_table
+from trainer.tables import load_table
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FLEX_MAIN = os.path.join(ROOT, "deploy", "dataflow", "main.py")  # the Flex Template's launcher
 TINY_YAML = os.path.join(FIXTURES, "tiny.yaml")
 TINY_WATCH_YAML = os.path.join(FIXTURES, "tiny_watch.yaml")
 
@@ -67,6 +73,14 @@ def config_error(path: str) -> str:
     return message
 
 
+def load_module(path: str, name: str):
+    """The Python file at `path` imported as a module named `name` (deploy/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>")):
     """A finished run directory with one exported vocabulary table (its last key the OOV row),
     as the stages would leave it."""
@@ -84,3 +98,55 @@ def fake_run(root, run_id, digest="abc", table="t", keys=("a", "b", "<OOV 0>")):
     update_manifest(path, "train", {})
     update_manifest(path, "export", {"tables": {table: written}})
     return path
+
+
+# -- a run's outputs, comparable between runners and filesystems (local disk, gs://) ----------
+
+
+def examples(out: str, split: str) -> list[bytes]:
+    """Every example of a split, re-serialized deterministically (feature map sorted by key), sorted.
+
+    Raw records differ between runners: the transformed columns, hence the feature map entries,
+    can come out in another order (in a portable runner's SDK harness process)."""
+    files = sorted(tf.io.gfile.glob(layout.examples_pattern(out, split)))
+    assert files, f"no {split} shards under {out}"
+    return sorted(
+        tf.train.Example.FromString(record.numpy()).SerializeToString(deterministic=True)
+        for record in tf.data.TFRecordDataset(files, compression_type="GZIP")
+    )
+
+
+def read_dir(path: str) -> dict[str, bytes]:
+    """{file name: bytes} of the files of a folder (not below it), on any filesystem."""
+    names = sorted(n for n in tf.io.gfile.listdir(path) if not n.endswith("/"))
+    return {name: tf.io.gfile.GFile(os.path.join(path, name), "rb").read() for name in names}
+
+
+def dead_letters(out: str) -> list[str]:
+    """JSON lines of all dead-letter shards, sorted (their order differs between runners)."""
+    lines = []
+    for path in tf.io.gfile.glob(layout.dead_letter_pattern(out)):
+        with tf.io.gfile.GFile(path) as f:
+            lines.extend(line.rstrip("\n") for line in f if line.strip())
+    return sorted(lines)
+
+
+def preprocess_outputs(out: str) -> dict:
+    """What the Beam job wrote under `out`, comparable between two jobs: vocabularies and the other
+    transform assets, the transformed metadata, both splits' examples, the dead letters, the id
+    and row counts."""
+    transform = layout.transform_dir(out)
+    return {
+        "assets": read_dir(os.path.join(transform, "transform_fn", "assets")),
+        "metadata": read_dir(os.path.join(transform, "transformed_metadata")),
+        **{split: examples(out, split) for split in layout.SPLITS},
+        "dead_letters": dead_letters(out),
+        "id_counts": layout.read_id_counts(out),
+        "row_counts": json.loads(tf.io.gfile.GFile(layout.row_counts_path(out)).read()),
+    }
+
+
+def exported_tables(run: str) -> dict[str, tuple[list[str], bytes]]:
+    """{table: (keys, the vectors' bytes)} of a run's export: equal only when bitwise equal."""
+    tables = read_manifest(run)["export"]["tables"]
+    return {name: (t.keys, t.vectors.tobytes()) for name in tables for t in [load_table(tables[name])]}

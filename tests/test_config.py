@@ -1,9 +1,10 @@
 """Config loading: the bundled configs load, and every kind of mistake names its field."""
 
 import pytest
+import tensorflow as tf
 
 from embedpipe import cli
-from schemas.config import AUTO_DIM_MAX, auto_embedding_dim
+from schemas.config import AUTO_DIM_MAX, ConfigError, auto_embedding_dim
 from schemas.loading import load_config
 
 from support import SMALL_CONFIG as GOOD
@@ -26,6 +27,17 @@ def test_good_config_parses_types_and_resolves_paths(write_config, tmp_path):
     assert config.input.path == str(tmp_path / "data.csv")
     assert config.feature_columns == ["a", "b"]  # f is declared but read by nothing
     assert config.used_columns == {"y": "float", "a": "string", "b": "int"}
+
+
+def test_a_config_on_a_remote_filesystem_resolves_paths_beside_it():
+    """Any URL tf.io.gfile reads (gs:// in production; TensorFlow's in-memory ram:// here)."""
+    folder = "ram://embedpipe-configs/nightly"
+    tf.io.gfile.makedirs(folder)
+    with tf.io.gfile.GFile(f"{folder}/small.yaml", "w") as f:
+        f.write(edited(GOOD, "path: data.csv", "path: ../logs/data.csv"))
+    assert load_config(f"{folder}/small.yaml").input.path == "ram://embedpipe-configs/logs/data.csv"
+    with pytest.raises(ConfigError, match=r"^ram://embedpipe-configs/none\.yaml: no such config file$"):
+        load_config("ram://embedpipe-configs/none.yaml")
 
 
 @pytest.mark.parametrize(

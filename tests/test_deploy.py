@@ -10,7 +10,6 @@ installed (it is not a test dependency: several hundred MB with pins of its own)
 import argparse
 import ast
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -25,28 +24,20 @@ from embedpipe import cli, stages
 from schemas import layout
 from schemas.manifest import read_manifest
 
-from support import TINY_YAML
+from support import FLEX_MAIN, ROOT, TINY_YAML, load_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATAFLOW = os.path.join(ROOT, "deploy", "dataflow")
 DAG_FILE = os.path.join(ROOT, "deploy", "airflow", "embedpipe_dag.py")
 
 
-def _load(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def launcher():
-    return _load(os.path.join(DATAFLOW, "main.py"), "embedpipe_flex_main")
+    return load_module(FLEX_MAIN, "embedpipe_flex_main")
 
 
 @pytest.fixture(scope="module")
 def dag_module():
-    return _load(DAG_FILE, "embedpipe_dag")
+    return load_module(DAG_FILE, "embedpipe_dag")
 
 
 def _setup_kwargs() -> dict:

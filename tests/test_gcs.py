@@ -1,60 +1,93 @@
-"""The stages on Cloud Storage: a run's training, export, publishing, report, table loading and
-garbage collection with its run directory on a local GCS emulator (the `gcs` fixture), and
-their outputs against a local run's.
+"""The whole job on Cloud Storage: `embedpipe run` with its config, inputs and output root on a
+local GCS emulator (the `gcs` fixture), against the same runs on local disk.
 
-The failure-injection tests (`slow`) make the proxy fail a share of TensorFlow's requests during
-a whole run. The Beam job itself is not run on the emulator here: Beam's GcsIO needs more of the service
-than fake-gcs-server offers (a `Content-ID` per part of a batch request). Its outputs are
-copied up, as Dataflow would have written them, and everything after it runs on gs://.
+On gs:// the Beam job reads the CSV or Parquet input through Beam's GcsIO and writes its examples,
+dead letters and counts there; tf.Transform, the trainer, the export, the report and the `LATEST`
+pointer use TensorFlow's filesystem or google-cloud-storage; a warm start reads the last
+published run's tables from gs://. The Beam job's outputs, the trained tables (bitwise) and the
+metrics must equal the local runs'. Garbage collection and failure injection (`slow`: the proxy
+fails a share of all requests during a whole run) run there too.
 """
 
 import multiprocessing
 import os
+import shutil
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from gcs_proxy import set_faults
 
 from embedpipe import runs, stages
+from pipeline import synthetic
 from schemas import layout
-from schemas.manifest import read_manifest, update_manifest
-from trainer.report import write_report
+from schemas.manifest import read_manifest
 from trainer.tables import load_table
 
-from support import TINY_YAML, fake_run
+from support import FLEX_MAIN, TINY_WATCH_YAML, TINY_YAML, exported_tables, fake_run, load_module, preprocess_outputs
+
+TINY_CSV = os.path.join(os.path.dirname(TINY_YAML), "tiny.csv")
+# (root name, config file, run ids: each after the first warm-starts from the one before)
+RUNS = {"tiny": ("tiny.yaml", ("r1",)), "warm": ("tiny.yaml", ("r1", "r2")), "watch": ("tiny_watch.yaml", ("w1",))}
 
 
 def _upload(local: str, remote: str) -> int:
-    """Copies the directory `local` to `remote` file by file; returns the number of files."""
-    copied = 0
-    for folder, _, files in os.walk(local):
-        target = remote + folder[len(local) :]
-        tf.io.gfile.makedirs(target)
-        for name in files:
-            tf.io.gfile.copy(os.path.join(folder, name), f"{target}/{name}", overwrite=True)
-            copied += 1
-    return copied
+    """Copies the files of the directory `local` to `remote`; returns how many."""
+    names = sorted(os.listdir(local))
+    for name in names:
+        tf.io.gfile.copy(os.path.join(local, name), f"{remote}/{name}", overwrite=True)
+    return len(names)
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("local"))
-    stages.run_all(["--config", TINY_YAML, "--output", out, "--run-id", "r1", "--epochs", "2", "--no-report"])
-    return layout.run_dir(out, "r1")
+def inputs(tmp_path_factory) -> str:
+    """A folder with both tiny configs and their inputs: the supervised CSV and the collaborative
+    Parquet watch logs with item metadata."""
+    folder = tmp_path_factory.mktemp("inputs")
+    shutil.copy(TINY_YAML, folder)
+    shutil.copy(TINY_CSV, folder)
+    shutil.copy(TINY_WATCH_YAML, folder)
+    logs = synthetic.generate_watch_logs(num_users=120, num_items=60, num_groups=3, mean_interactions=10, seed=3)
+    synthetic.write_watch_logs(logs, str(folder))
+    return str(folder)
 
 
-def _run_on_gcs(root: str, run_id: str, local_run: str) -> dict:
-    """The local run's Beam outputs copied to ROOT/runs/RUN_ID, then train, export and publish
-    there; returns the export section."""
+def _run(inputs: str, root: str, name: str) -> dict:
+    """The runs of `RUNS[name]` under ROOT/NAME, their config and inputs read from `inputs`;
+    returns each one's outputs (`_outputs`), by run id."""
+    config, run_ids = RUNS[name]
+    got = {}
+    for i, run_id in enumerate(run_ids):
+        _run_all(f"{inputs}/{config}", f"{root}/{name}", run_id, *(["--warm-start"] if i else []))
+        got[run_id] = _outputs(f"{root}/{name}", run_id, inputs)
+    return got
+
+
+def _run_all(config: str, root: str, run_id: str, *flags: str) -> None:
+    stages.run_all(["--config", config, "--output", root, "--run-id", run_id, "--epochs", "2", *flags])
+
+
+def _outputs(root: str, run_id: str, inputs: str) -> dict:
+    """What must not depend on the filesystem (a dead letter's source file named from `inputs` on)."""
     run = layout.run_dir(root, run_id)
-    assert _upload(layout.preprocess_dir(local_run), layout.preprocess_dir(run)) > 10
-    update_manifest(run, "preprocess", read_manifest(local_run)["preprocess"])
-    flags = ["--config", TINY_YAML, "--output", root, "--run-id", run_id]
-    stages.train([*flags, "--epochs", "2"])
-    exported = stages.export(flags)
-    stages.publish(["--output", root, "--run-id", run_id])
-    return exported
+    train = runs.verify(run)["train"]  # finished, every table against its checksums
+    started_from = train.get("transfer") or train.get("warm_start") or {}
+    preprocess = preprocess_outputs(run)
+    preprocess["dead_letters"] = [line.replace(inputs, "INPUTS") for line in preprocess["dead_letters"]]
+    return {
+        "preprocess": preprocess,
+        "eval_metrics": train["eval_metrics"],
+        "tables": exported_tables(run),
+        # through the pointer, as a downstream reader loads them (the run was just published)
+        "via_latest": {t: load_table(f"{root}/LATEST/export/{t}").vectors.tobytes() for t in train["tables"]},
+        "warm_started": sorted(started_from),
+        "latest": os.path.relpath(layout.latest(root), root),
+        "report": tf.io.gfile.stat(os.path.join(run, layout.REPORT)).length,
+    }
+
+
+def _on_gcs(inputs: str, root: str, name: str) -> dict:
+    _upload(inputs, f"{root}/inputs")
+    return _run(f"{root}/inputs", root, name)
 
 
 def _fresh(function, *args):
@@ -68,39 +101,48 @@ def _fresh(function, *args):
         return pool.apply(function, args)
 
 
-def _published_on_gcs(root: str, local_run: str) -> dict:
-    exported = _run_on_gcs(root, "r1", local_run)
-    run = layout.run_dir(root, "r1")
-    tables = {}
-    for name in exported["tables"]:
-        table = load_table(f"{root}/LATEST/export/{name}")  # checksums verified on gs://
-        tables[name] = (table.keys, table.vectors)
-    serving = tf.saved_model.load(layout.serving_dir(layout.model_dir(run)))
-    report = write_report(run)
-    return {
-        "latest": layout.latest(root),
-        "complete": layout.is_complete(run),
-        "eval_metrics": read_manifest(run)["train"]["eval_metrics"],
-        "tables": tables,
-        "signatures": list(serving.signatures),
-        "report": (report, tf.io.gfile.stat(report).length),
+@pytest.mark.parametrize("name", ["tiny", *(pytest.param(n, marks=pytest.mark.slow) for n in ("warm", "watch"))])
+def test_the_whole_run_on_gcs_equals_the_local_run(gcs, inputs, tmp_path, name):
+    """tiny: a config and its CSV input on gs://, a supervised model (about 60 s); warm: then a
+    second run warm-started from the first one's tables on gs://; watch: Parquet watch logs with
+    item metadata, the collaborative models and the recommender."""
+    local = _run(inputs, str(tmp_path), name)
+    remote = _fresh(_on_gcs, inputs, f"{gcs}/whole-{name}", name)
+    assert remote.keys() == local.keys()
+    for run_id, here in local.items():
+        there = remote[run_id]
+        assert there["preprocess"]["row_counts"]["read"] > 0 and there["tables"]
+        assert there.pop("report") > 10_000 and here.pop("report") > 10_000
+        for part, outputs in here.pop("preprocess").items():  # one at a time: readable failures
+            assert there["preprocess"][part] == outputs, (run_id, part)
+        del there["preprocess"]
+        assert there == here, run_id
+        assert there["via_latest"] == {t: vectors for t, (_, vectors) in there["tables"].items()}
+    *_, last = local.values()
+    assert last["latest"] == f"runs/{list(local)[-1]}"
+    if len(local) > 1:  # the warm start found the first run's tables on gs://
+        assert last["warm_started"] and sorted(last["tables"]) == sorted(local[next(iter(local))]["tables"])
+
+
+def _template_launch(inputs: str, root: str) -> dict:
+    _upload(inputs, f"{root}/inputs")
+    config, run_dir = f"{root}/inputs/tiny.yaml", layout.run_dir(root, "t1")
+    argv = [f"--config={config}", f"--output={root}", "--run_id=t1", f"--template_location={root}/template/job"]
+    assert load_module(FLEX_MAIN, "embedpipe_flex_main").main(argv) is None  # submitted, not waited for
+    before = {
+        "section": "preprocess" in read_manifest(run_dir),
+        "counts": tf.io.gfile.exists(layout.row_counts_path(run_dir)),
     }
+    stages.train(["--config", config, "--output", root, "--run-id", "t1", "--epochs", "1"])
+    return {**before, "rows": read_manifest(run_dir)["preprocess"]["rows"]}
 
 
-def test_a_run_on_gcs_trains_exports_publishes_and_equals_the_local_run(gcs, local_run):
-    root = f"{gcs}/tiny"
-    got = _fresh(_published_on_gcs, root, local_run)
-    assert got["latest"] == layout.run_dir(root, "r1") and got["complete"]
-    local = read_manifest(local_run)
-    assert got["eval_metrics"] == local["train"]["eval_metrics"]
-    assert sorted(got["tables"]) == sorted(local["export"]["tables"])
-    for name, (keys, vectors) in got["tables"].items():
-        here = load_table(local["export"]["tables"][name])
-        assert keys == here.keys
-        np.testing.assert_array_equal(vectors, here.vectors)  # the same training, bitwise
-    assert "serving_default" in got["signatures"]
-    report, size = got["report"]
-    assert report.startswith("gs://") and size > 10_000
+@pytest.mark.slow  # about 40 s
+def test_a_template_launch_on_gcs_is_finalised_by_train(gcs, inputs):
+    got = _fresh(_template_launch, inputs, f"{gcs}/template")
+    assert not got["section"] and got["counts"]  # the job's own counts, no manifest section yet
+    rows = got["rows"]
+    assert (rows["read"], rows["train"] + rows["eval"], rows["dead_letter"]) == (244, 240, 4)
 
 
 def _gc_on_gcs(root: str) -> dict:
@@ -124,11 +166,13 @@ def test_gc_on_gcs_keeps_latest_and_deletes_older_runs(gcs):
     assert got["latest"] == layout.run_dir(root, "r3") and got["dim"] == 2
 
 
-def _faulty_run(root: str, local_run: str, env: dict, kind: str, rate: float) -> dict:
-    _run_on_gcs(root, "good", local_run)
+def _faulty_run(inputs: str, root: str, env: dict, kind: str, rate: float) -> dict:
+    _upload(inputs, f"{root}/inputs")
+    config = f"{root}/inputs/tiny.yaml"
+    _run_all(config, root, "good", "--no-report")
     set_faults(env, rate, kind, seed=7)
     try:
-        _run_on_gcs(root, "faulty", local_run)
+        _run_all(config, root, "faulty", "--no-report")
         outcome = "published"
     except Exception as e:  # what a failed run raises is part of the result, reported below
         outcome = f"failed with {type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -143,13 +187,13 @@ def _faulty_run(root: str, local_run: str, env: dict, kind: str, rate: float) ->
     }
 
 
-@pytest.mark.slow  # 1.5-2.5 minutes each: TensorFlow's retries, and over a thousand relayed requests
+@pytest.mark.slow  # 1.5-2.5 minutes each: the clients' retries, and thousands of relayed requests
 @pytest.mark.parametrize("kind, rate", [("503", 0.1), ("reset", 0.02), ("mixed", 0.05)])
-def test_failed_requests_never_leave_latest_on_an_incomplete_run(gcs_service, local_run, kind, rate, capsys):
-    """A share of TensorFlow's GCS requests fails during a whole run (upload, train, export,
-    publish): the run retries or fails, and LATEST always names a complete run that verifies."""
+def test_failed_requests_never_leave_latest_on_an_incomplete_run(gcs_service, inputs, kind, rate, capsys):
+    """A share of all GCS requests (Beam's, TensorFlow's, the pointer's) fails during a whole
+    run: the run retries or fails, and LATEST always names a complete run that verifies."""
     root = f"{gcs_service['root']}/faults-{kind}"
-    got = _fresh(_faulty_run, root, local_run, gcs_service["proxy_env"], kind, rate)
+    got = _fresh(_faulty_run, inputs, root, gcs_service["proxy_env"], kind, rate)
     counts, outcome = got["counts"], got["outcome"]
     with capsys.disabled():
         print(f"\nfaults {kind} at {rate:.0%}: {counts['failed']} of {counts['requests']} requests; the run {outcome}")

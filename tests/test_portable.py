@@ -9,8 +9,6 @@ the same job's on the default local runner. Ordering and shard layout may differ
 so examples and dead letters are compared as sorted multisets.
 """
 
-import glob
-import json
 import os
 import shutil
 import signal
@@ -21,12 +19,11 @@ import threading
 import time
 
 import pytest
-import tensorflow as tf
 
 from embedpipe import stages
 from schemas import layout
 
-from support import TINY_WATCH_YAML
+from support import TINY_WATCH_YAML, examples, preprocess_outputs, read_dir
 from support import TINY_YAML as TINY
 
 STARTUP_TIMEOUT_S = 60
@@ -150,51 +147,15 @@ def portable(tmp_path_factory):
             services.stop()
 
 
-def _examples(out: str, split: str) -> list[bytes]:
-    """Every example of a split, re-serialized deterministically (feature map sorted by key), sorted.
-
-    Raw records differ between the runners: the transformed columns, hence the feature map entries,
-    come out in another order in the SDK harness process."""
-    files = sorted(glob.glob(layout.examples_pattern(out, split)))
-    assert files, f"no {split} shards under {out}"
-    return sorted(
-        tf.train.Example.FromString(record.numpy()).SerializeToString(deterministic=True)
-        for record in tf.data.TFRecordDataset(files, compression_type="GZIP")
-    )
-
-
-def _read_dir(path: str) -> dict[str, bytes]:
-    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
-
-
-def _dead_letters(out: str) -> list[str]:
-    """JSON lines of all dead-letter shards, sorted (their order differs between the runners)."""
-    lines = []
-    for path in glob.glob(layout.dead_letter_pattern(out)):
-        with open(path) as f:
-            lines.extend(line.rstrip("\n") for line in f if line.strip())
-    return sorted(lines)
-
-
 def _assert_same_outputs(local_out: str, local: dict, portable_out: str, portable: dict) -> None:
     # Counters come back through the job service's GetJobMetrics: rows and dead letters per reason.
     assert portable["rows"] == local["rows"]
     assert portable["tables"] == local["tables"]
     assert portable.get("users_evaluated") == local.get("users_evaluated")
-
-    transform = layout.transform_dir
-    assets = _read_dir(os.path.join(transform(local_out), "transform_fn", "assets"))
-    assert _read_dir(os.path.join(transform(portable_out), "transform_fn", "assets")) == assets  # vocabularies
-    assert _read_dir(os.path.join(transform(portable_out), "transformed_metadata")) == _read_dir(
-        os.path.join(transform(local_out), "transformed_metadata")
-    )
-    for split in ("train", "eval"):
-        examples = _examples(local_out, split)  # (a collaborative eval example holds several rows)
-        assert examples and _examples(portable_out, split) == examples
-    letters = _dead_letters(local_out)
-    assert len(letters) == local["rows"]["dead_letter"] and _dead_letters(portable_out) == letters
-    with open(layout.id_counts_path(local_out)) as a, open(layout.id_counts_path(portable_out)) as b:
-        assert json.load(b) == json.load(a)
+    outputs = preprocess_outputs(local_out)
+    assert outputs["train"] and outputs["eval"]  # (a collaborative eval example holds several rows)
+    assert len(outputs["dead_letters"]) == local["rows"]["dead_letter"]
+    assert preprocess_outputs(portable_out) == outputs
 
 
 def test_portable_runner_matches_local_runner(portable, tmp_path):
@@ -203,8 +164,8 @@ def test_portable_runner_matches_local_runner(portable, tmp_path):
     portable_section = portable.run_preprocess(["--config", TINY, "--output", portable_out])
     rows = local["rows"]
     assert rows["read"] == 244 and rows["dead_letter"] == 4
-    assert [len(_examples(local_out, split)) for split in ("train", "eval")] == [rows["train"], rows["eval"]]
-    assert _read_dir(os.path.join(layout.transform_dir(local_out), "transform_fn", "assets"))
+    assert [len(examples(local_out, split)) for split in ("train", "eval")] == [rows["train"], rows["eval"]]
+    assert read_dir(os.path.join(layout.transform_dir(local_out), "transform_fn", "assets"))
     _assert_same_outputs(local_out, local, portable_out, portable_section)
 
 

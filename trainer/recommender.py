@@ -377,8 +377,16 @@ def recommend_users(export_directory: str, users: list[str], k: int = 10) -> dic
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    # pyarrow's own filesystems (local, gs://, s3://, hdfs://): Parquet streams in and out in row
-    # groups, which tf.io.gfile's file objects do not offer
+    """pyarrow's own filesystem for `path` (local, gs://, hdfs://) and the path in it: Parquet
+    streams in and out in row groups, which tf.io.gfile's file objects do not offer.
+
+    gs:// goes to `STORAGE_EMULATOR_HOST` (anonymously) when that is set, as google-cloud-storage
+    and Beam's GcsIO do: a local GCS emulator."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if path.startswith("gs://") and emulator:
+        scheme, _, host = emulator.rpartition("://")
+        fs = pafs.GcsFileSystem(anonymous=True, scheme=scheme or "http", endpoint_override=host.rstrip("/"))
+        return fs, path.removeprefix("gs://")
     return pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
 
 

@@ -55,7 +55,9 @@ EASE_LAMBDAS = (50.0, 200.0, 500.0, 1000.0, 3000.0)
 EASE_TAUS = (None, 5.0, 20.0, 50.0)  # None: binary user rows
 
 
-def prepare(dataset: str, out: str, reuse: bool, user_chunk: int | None = None):
+def prepare(dataset: str, out: str, reuse: bool, training: dict | None = None):
+    """The dataset's config on its example data, preprocessed into `out` (`training`: overrides
+    of the config's `training:` fields)."""
     from pipeline import datasets, preprocess
     from schemas import layout
     from schemas.loading import load_config
@@ -66,8 +68,6 @@ def prepare(dataset: str, out: str, reuse: bool, user_chunk: int | None = None):
     if not (reuse and os.path.exists(interactions)):
         interactions = datasets.write_example(dataset, data)
     config = load_config(dataset).with_input_path(interactions)
-    if user_chunk is not None:
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, user_chunk=user_chunk))
     if config.metadata is not None:
         items = os.path.join(os.path.dirname(interactions), "items.parquet")
         config = dataclasses.replace(config, metadata=dataclasses.replace(config.metadata, path=items))
@@ -80,7 +80,8 @@ def prepare(dataset: str, out: str, reuse: bool, user_chunk: int | None = None):
         print(
             f"preprocess: {rows['read']} rows -> {rows['train']} train, {rows['eval']} eval ({time.perf_counter() - started:.1f}s)"
         )
-    return config
+    # after the preprocessing, which they do not change: --reuse keeps it across training overrides
+    return dataclasses.replace(config, training=dataclasses.replace(config.training, **(training or {})))
 
 
 def run_ours(config, out: str, epochs: int | None) -> dict:
@@ -280,9 +281,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="ALS seed")
     parser.add_argument("--no-ease", action="store_true", help="skip EASE (items^2 memory)")
     parser.add_argument("--user-chunk", type=int, help="override training.user_chunk (bag_of_history's chunks)")
+    parser.add_argument("--train-seed", type=int, help="override training.seed (our models' initialisation and order)")
+    parser.add_argument("--models", nargs="+", help="override training.models (which of ours to train)")
     args = parser.parse_args(argv)
     out = args.output or os.path.join("/tmp/bench", args.dataset)
-    config = prepare(args.dataset, out, args.reuse, args.user_chunk)
+    overrides = {"user_chunk": args.user_chunk, "seed": args.train_seed, "models": args.models and tuple(args.models)}
+    config = prepare(args.dataset, out, args.reuse, {k: v for k, v in overrides.items() if v is not None})
     section = run_ours(config, out, args.epochs)
     matrix, data = train_matrix(config, out)
     als_rows, als_default = run_als(matrix, data, QUICK_GRID if args.quick else GRID, args.seed)
