@@ -21,6 +21,7 @@ from embedpipe import runs, stages
 from pipeline import synthetic
 from schemas import layout
 from schemas.manifest import read_manifest
+from trainer import recommender
 from trainer.tables import load_table
 
 from support import FLEX_MAIN, TINY_WATCH_YAML, TINY_YAML, exported_tables, fake_run, load_module, preprocess_outputs
@@ -79,10 +80,21 @@ def _outputs(root: str, run_id: str, inputs: str) -> dict:
         "tables": exported_tables(run),
         # through the pointer, as a downstream reader loads them (the run was just published)
         "via_latest": {t: load_table(f"{root}/LATEST/export/{t}").vectors.tobytes() for t in train["tables"]},
+        "signatures": sorted(tf.saved_model.load(_serving_model(run)).signatures),
         "warm_started": sorted(started_from),
         "latest": os.path.relpath(layout.latest(root), root),
         "report": tf.io.gfile.stat(os.path.join(run, layout.REPORT)).length,
     }
+
+
+def _serving_model(run: str) -> str:
+    """The SavedModel a downstream service loads: the supervised model's, or the recommender's."""
+    supervised = layout.serving_dir(layout.model_dir(run))
+    return (
+        supervised
+        if tf.io.gfile.exists(supervised)
+        else os.path.join(layout.recommender_dir(layout.export_dir(run)), recommender.SAVED_MODEL)
+    )
 
 
 def _on_gcs(inputs: str, root: str, name: str) -> dict:
@@ -118,6 +130,7 @@ def test_the_whole_run_on_gcs_equals_the_local_run(gcs, inputs, tmp_path, name):
         del there["preprocess"]
         assert there == here, run_id
         assert there["via_latest"] == {t: vectors for t, (_, vectors) in there["tables"].items()}
+        assert there["signatures"]
     *_, last = local.values()
     assert last["latest"] == f"runs/{list(local)[-1]}"
     if len(local) > 1:  # the warm start found the first run's tables on gs://
