@@ -105,9 +105,6 @@ def load_config(name_or_path: str) -> Config | CollaborativeConfig:
 
 def _read_text(path: str) -> str:
     """The config file's text, from local disk or any filesystem tf.io.gfile reaches (gs://)."""
-    if "://" not in path:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             return f.read().decode("utf-8")

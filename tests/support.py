@@ -1,7 +1,6 @@
 """Paths and helpers several test modules share (fixtures are in conftest.py)."""
 
 import importlib.util
-import json
 import os
 import shutil
 
@@ -118,8 +117,11 @@ def examples(out: str, split: str) -> list[bytes]:
 
 def read_dir(path: str) -> dict[str, bytes]:
     """{file name: bytes} of the files of a folder (not below it), on any filesystem."""
-    names = sorted(n for n in tf.io.gfile.listdir(path) if not n.endswith("/"))
-    return {name: tf.io.gfile.GFile(os.path.join(path, name), "rb").read() for name in names}
+    files = {}
+    for name in sorted(n for n in tf.io.gfile.listdir(path) if not n.endswith("/")):
+        with tf.io.gfile.GFile(os.path.join(path, name), "rb") as f:
+            files[name] = f.read()
+    return files
 
 
 def dead_letters(out: str) -> list[str]:
@@ -142,11 +144,14 @@ def preprocess_outputs(out: str) -> dict:
         **{split: examples(out, split) for split in layout.SPLITS},
         "dead_letters": dead_letters(out),
         "id_counts": layout.read_id_counts(out),
-        "row_counts": json.loads(tf.io.gfile.GFile(layout.row_counts_path(out)).read()),
+        "row_counts": layout.read_json(layout.row_counts_path(out)),
     }
 
 
 def exported_tables(run: str) -> dict[str, tuple[list[str], bytes]]:
     """{table: (keys, the vectors' bytes)} of a run's export: equal only when bitwise equal."""
-    tables = read_manifest(run)["export"]["tables"]
-    return {name: (t.keys, t.vectors.tobytes()) for name in tables for t in [load_table(tables[name])]}
+    tables = {}
+    for name, path in read_manifest(run)["export"]["tables"].items():
+        table = load_table(path)
+        tables[name] = (table.keys, table.vectors.tobytes())
+    return tables

@@ -26,7 +26,7 @@ from schemas.manifest import read_manifest
 
 from support import FLEX_MAIN, ROOT, TINY_YAML, load_module
 
-DATAFLOW = os.path.join(ROOT, "deploy", "dataflow")
+DATAFLOW = os.path.dirname(FLEX_MAIN)
 DAG_FILE = os.path.join(ROOT, "deploy", "airflow", "embedpipe_dag.py")
 
 

@@ -31,12 +31,10 @@ TINY_CSV = os.path.join(os.path.dirname(TINY_YAML), "tiny.csv")
 RUNS = {"tiny": ("tiny.yaml", ("r1",)), "warm": ("tiny.yaml", ("r1", "r2")), "watch": ("tiny_watch.yaml", ("w1",))}
 
 
-def _upload(local: str, remote: str) -> int:
-    """Copies the files of the directory `local` to `remote`; returns how many."""
-    names = sorted(os.listdir(local))
-    for name in names:
+def _upload(local: str, remote: str) -> None:
+    """Copies the files of the directory `local` to `remote`."""
+    for name in os.listdir(local):
         tf.io.gfile.copy(os.path.join(local, name), f"{remote}/{name}", overwrite=True)
-    return len(names)
 
 
 @pytest.fixture(scope="module")

@@ -505,10 +505,10 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
         with tf.GradientTape() as tape:
             if chunk > 1:
                 query, candidates = model.sequence_queries(batch["sequence"], chunk)
+                users = batch["user"]  # a chunk's targets are one user's: none is a negative for the others
             else:
                 query, candidates = model.query(batch["user"], batch["history"]), model.item_table(batch["target"])
-            # a chunk's targets are one user's: none of them is a negative for the others
-            users = batch["user"] if chunk > 1 else None
+                users = None
             loss = in_batch_softmax_loss(query, candidates, batch["target"], data.log_q, weight, batch["valid"], users)
         variables = model.trainable_variables
         optimizer.apply(tape.gradient(loss, variables), variables)
