@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from embedpipe import cli
-from schemas.config import AUTO_DIM_MAX, ConfigError, auto_embedding_dim
+from schemas.config import AUTO_DIM_MAX, COLLABORATIVE_DIM_MIN, ConfigError, VocabularySide, auto_embedding_dim
 from schemas.loading import load_config
 
 from support import SMALL_CONFIG as GOOD
@@ -131,3 +131,12 @@ def test_auto_dim_is_fourth_root_clamped():
     assert auto_embedding_dim(3) == 2  # clamped up
     assert auto_embedding_dim(10_000) == 10
     assert auto_embedding_dim(10**12) == AUTO_DIM_MAX
+
+
+def test_a_collaborative_auto_dim_has_a_floor():
+    items = VocabularySide("item", "item")
+    assert auto_embedding_dim(9_067) == 10  # MovieLens' items: the rule alone
+    assert items.embedding_dim(9_067) == COLLABORATIVE_DIM_MIN == 32
+    assert items.embedding_dim(50**4) == 50  # above the floor the rule holds
+    assert items.embedding_dim(10**12) == AUTO_DIM_MAX
+    assert VocabularySide("item", "item", dim=8).embedding_dim(9_067) == 8  # an explicit dim wins

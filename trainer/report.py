@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from schemas import layout
-from schemas.config import auto_embedding_dim
+from schemas.config import AUTO_DIM_MAX, AUTO_DIM_MIN, COLLABORATIVE_DIM_MIN, auto_embedding_dim
 from schemas.manifest import read_manifest
 from trainer.drift import NEIGHBOR_K
 from trainer.neighbors import NeighborIndex
@@ -67,7 +67,7 @@ def write_report(output_dir: str, path: str | None = None) -> str:
         t0 = time.time()
         table = load_table(table_path)
         _LOG.info("report: table %s: %d rows x %d dims loaded (%.1fs)", name, len(table), table.dim, time.time() - t0)
-        sections.append(_table_section(table))
+        sections.append(_table_section(table, collaborative="recommender" in manifest.get("export", {})))
         _LOG.info(
             "report: table %s: projection and neighbours done (%.0f KiB, %.1fs)",
             name,
@@ -307,7 +307,7 @@ def _int_ticks(x0: int, x1: int, count: int = 10) -> list[int]:
 # --- tables ---------------------------------------------------------------------------------
 
 
-def _table_section(table: EmbeddingTable) -> str:
+def _table_section(table: EmbeddingTable, collaborative: bool = False) -> str:
     m = table.manifest
     rows, dim, real = len(table), table.dim, table.real_rows
     frequency = np.asarray(table.frequencies, dtype=np.int64)
@@ -316,6 +316,8 @@ def _table_section(table: EmbeddingTable) -> str:
     vocabulary = m.get("vocabulary_size")
     rule_of = vocabulary if vocabulary else rows
     rule = round(rule_of**0.25)
+    floor = COLLABORATIVE_DIM_MIN if collaborative else AUTO_DIM_MIN
+    collaborative_note = ": a collaborative table is the whole model" if collaborative else ""
     facts = [
         ("kind", f"{_e(m.get('kind', '?'))} of {_e(', '.join(m.get('columns', [])))}"),
         (
@@ -333,8 +335,8 @@ def _table_section(table: EmbeddingTable) -> str:
             "dimension",
             f"<b>{dim}</b> &middot; fourth-root rule: round({rule_of:,}<sup>1/4</sup>) = {rule}"
             + ("" if dim == rule else f" <span class=dim>({'+' if dim > rule else ''}{dim - rule})</span>")
-            + f" <span class=dim>&middot; <code>dim: auto</code> = {auto_embedding_dim(rows)} "
-            f"(rows incl. OOV, clamped to [2, 64])</span>",
+            + f" <span class=dim>&middot; <code>dim: auto</code> = {auto_embedding_dim(rows, floor)} "
+            f"(rows incl. OOV, clamped to [{floor}, {AUTO_DIM_MAX}]{collaborative_note})</span>",
         ),
     ]
     if total == 0:
