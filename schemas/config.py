@@ -34,10 +34,8 @@ AUTO_DIM_MIN = 2
 AUTO_DIM_MAX = 64
 # The floor of `dim: auto` for a collaborative table. There the tables are the whole model (a
 # user is scored against every item by one dot product), not one input among many as in a
-# supervised model, and the fourth-root rule leaves them too small: on the MovieLens extra
-# (9,067 items, rule 10), bag_of_history's validation Recall@20 (what a run chooses on) was 0.217
-# at 10 dims, 0.229 at 16, 0.246 at 32 and at 64, and the offline protocol's test Recall@20
-# 0.171, 0.179, 0.192 and 0.190 (training seed 0; docs/performance.md).
+# supervised model, and the fourth-root rule leaves them too small (MovieLens' 9,067 items get
+# 10; the measured sweep is in docs/performance.md, "Embedding size of a collaborative table").
 COLLABORATIVE_DIM_MIN = 32
 MAX_TABLE_ROWS = 50_000_000
 MAX_BUCKETIZE = 10_000
