@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import logging
@@ -233,8 +232,9 @@ def release_memory() -> None:
     process, and without this glibc keeps the freed memory of one stage's peak through the next
     (about 0.3 GiB after the Beam job and after training at 5M interactions)."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    # The process's own symbols (libc's among them), not `ctypes.util.find_library("c")`: that
+    # runs `ldconfig -p` in a forked child, an instant copy of this multi-GiB process.
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
     if trim is not None:  # glibc only
         trim(0)
 

@@ -37,9 +37,11 @@ with open(TINY_WATCH_YAML) as _f:
 
 def _interactions(events) -> pa.Table:
     users, items, ts = zip(*events)
-    return pa.table(
-        {"user": list(users), "item": list(items), "ts": list(ts), "weight": pa.array([1.0] * len(ts), pa.float32())}
-    )
+    return pa.table({"user": list(users), "item": list(items), "ts": list(ts)})
+
+
+def _packed(events) -> bytes:
+    return collaborative.pack(_interactions(events))
 
 
 def _rows(records: pa.RecordBatch) -> list[tuple]:
@@ -64,7 +66,7 @@ def test_user_sequences_keep_the_future_out_of_training(write_config):
     with TestPipeline(runner=LOCAL_RUNNER) as p:
         records = (
             p
-            | beam.Create([(0, [_interactions(u1[:3]), _interactions(u1[3:])]), (1, [_interactions(u2)])])
+            | beam.Create([(0, [_packed(u1[:3]), _packed(u1[3:])]), (1, [_packed(u2)])])
             | collaborative.UserSequences(config)
         )
         # every train record is the user's training interactions in time order, targets from 0
@@ -116,9 +118,11 @@ def test_keying_sends_every_interaction_of_a_user_to_one_bucket(write_config):
         }
     )
     parts = list(collaborative._by_bucket(batch, config, buckets=8))
-    assert sum(t.num_rows for _, t in parts) == 500 and len({k for k, _ in parts}) == len(parts) <= 8
     bucket_of = {}
-    for bucket, table in parts:
+    tables = [(bucket, collaborative.unpack(data)) for bucket, data in parts]
+    assert sum(t.num_rows for _, t in tables) == 500 and len({k for k, _ in parts}) == len(parts) <= 8
+    assert tables[0][1].column_names == ["user", "item", "ts"]  # no weight column without `weight`
+    for bucket, table in tables:
         for user in table.column("user").to_pylist():
             assert bucket_of.setdefault(user, bucket) == bucket
 

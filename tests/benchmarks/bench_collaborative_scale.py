@@ -21,7 +21,10 @@ preprocess seconds), each model's examples per second over its epochs, and the q
 interactions (user x item counts, all of them); `--recommend` times `embedpipe recommend
 RUN/export --all -k 20`, exact and `--approximate` (the `ann` extra; the index build included),
 each in a fresh process with its peak RSS. `--user-chunk N` runs a copy of the config with
-`training.user_chunk: N` (bag_of_history's chunked pairs). Results go to OUTPUT/results.json as well.
+`training.user_chunk: N` (bag_of_history's chunked pairs); `--top-k N` one with both vocabularies
+capped at N (`interactions.user/item.top_k`), so that every scale trains tables of the same size:
+what then still grows with the scale grows with the interactions, not with the model. Results go
+to OUTPUT/results.json as well.
 """
 
 from __future__ import annotations
@@ -109,23 +112,30 @@ def measure(command: list[str], log_path: str) -> dict:
     }
 
 
-def config_with(out: str, user_chunk: int | None) -> str:
-    """The bundled `watchlogs` config, or a copy of it beside OUT with `training.user_chunk`."""
-    if user_chunk is None:
+def config_with(out: str, user_chunk: int | None, top_k: int | None = None) -> str:
+    """The bundled `watchlogs` config, or a copy of it beside OUT with `training.user_chunk` and
+    both vocabularies' `top_k`."""
+    if user_chunk is None and top_k is None:
         return "watchlogs"
     with open(resolve_config_path("watchlogs")) as f:
         raw = yaml.safe_load(f)
-    raw["training"]["user_chunk"] = user_chunk
+    if user_chunk is not None:
+        raw["training"]["user_chunk"] = user_chunk
+    if top_k is not None:
+        for side in ("user", "item"):
+            raw["interactions"][side]["top_k"] = top_k
     path = f"{out}.watchlogs.yaml"
     with open(path, "w") as f:
         yaml.safe_dump(raw, f)
     return path
 
 
-def run_embedpipe(interactions: str, items: str, out: str, epochs: int, user_chunk: int | None = None) -> dict:
+def run_embedpipe(
+    interactions: str, items: str, out: str, epochs: int, user_chunk: int | None = None, top_k: int | None = None
+) -> dict:
     run_id = "bench"
     command = [
-        sys.executable, "-m", "embedpipe.cli", "run", "--config", config_with(out, user_chunk), "--input", interactions,
+        sys.executable, "-m", "embedpipe.cli", "run", "--config", config_with(out, user_chunk, top_k), "--input", interactions,
         "--item-metadata", items, "--output", out, "--run-id", run_id, "--epochs", str(epochs),
     ]  # fmt: skip
     if os.path.exists(os.path.join(out, "runs", run_id)):
@@ -203,12 +213,13 @@ def main(argv=None) -> None:
         help="also time `recommend --all -k 20`, exact and --approximate (ann extra)",
     )
     parser.add_argument("--user-chunk", type=int, help="override training.user_chunk of the watchlogs config")
+    parser.add_argument("--top-k", type=int, help="cap both vocabularies at N rows (tables of one size at every scale)")
     args = parser.parse_args(argv)
     results = []
     for scale in args.scales:
         interactions, items = make_input(scale, args.output)
         out = os.path.join(args.output, f"run-{scale:g}")
-        result = run_embedpipe(interactions, items, out, args.epochs, args.user_chunk)
+        result = run_embedpipe(interactions, items, out, args.epochs, args.user_chunk, args.top_k)
         row = summary(scale, result)
         if args.als:
             row["als_fit_s"] = als_fit_seconds(interactions)
