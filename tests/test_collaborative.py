@@ -106,22 +106,28 @@ def test_ties_in_time_are_broken_by_item():
     assert _rows(train) == [("u", ("c", "a", "b"), 0, 1, ())] and _rows(evaluation)[0][4] == ("d",)
 
 
-def test_keying_sends_every_interaction_of_a_user_to_one_bucket(write_config):
-    config = load_config(write_config(CONFIG))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_keying_sends_every_interaction_of_a_user_to_one_bucket(write_config, weighted):
+    text = CONFIG.replace("  timestamp: ts\n", "  timestamp: ts\n  weight: rating\n") if weighted else CONFIG
+    config = load_config(write_config(text))
     users = [f"u{i % 37}" for i in range(500)]
     batch = pa.RecordBatch.from_pydict(
         {
             "user": pa.array([[u.encode()] for u in users], pa.large_list(pa.large_binary())),
             "item": pa.array([[f"m{i}".encode()] for i in range(500)], pa.large_list(pa.large_binary())),
             "ts": pa.array([[i] for i in range(500)], pa.large_list(pa.int64())),
-            "rating": pa.array([[1.0]] * 500, pa.large_list(pa.float32())),
+            "rating": pa.array([[i / 4] for i in range(500)], pa.large_list(pa.float32())),
         }
     )
     parts = list(collaborative._by_bucket(batch, config, buckets=8))
     bucket_of = {}
     tables = [(bucket, collaborative.unpack(data)) for bucket, data in parts]
     assert sum(t.num_rows for _, t in tables) == 500 and len({k for k, _ in parts}) == len(parts) <= 8
-    assert tables[0][1].column_names == ["user", "item", "ts"]  # no weight column without `weight`
+    # the packed slices keep every column the records need, and a weight only when configured
+    assert tables[0][1].column_names == ["user", "item", "ts"] + (["weight"] if weighted else [])
+    if weighted:
+        rows = pa.concat_tables([t for _, t in tables]).sort_by("ts")
+        assert rows.column("weight").to_pylist() == [i / 4 for i in range(500)]
     for bucket, table in tables:
         for user in table.column("user").to_pylist():
             assert bucket_of.setdefault(user, bucket) == bucket
