@@ -24,9 +24,8 @@ user's training interactions.
 
 All the work is on Arrow batches and numpy arrays, never one Python object per interaction:
 `KeyByUserBucket` hashes each batch's users into `USER_BUCKETS` buckets and sends each bucket's
-slice of the batch on as one element (zstd-compressed Arrow IPC, `pack`: less than half the bytes
-of a pickled table, in a distributed runner's shuffle and in the local runner's memory, which
-holds a GroupByKey's whole input), the GroupByKey brings every interaction of a user into one
+slice of the batch on as one element (`pack`ed: compressed, since a distributed runner's shuffle
+moves these bytes and the local runner holds a GroupByKey's whole input in memory), the GroupByKey brings every interaction of a user into one
 bucket (so a distributed runner spreads the work over buckets of users), and `UserSequences`
 sorts a bucket's interactions and cuts and builds its records with vectorised array operations.
 """
@@ -73,8 +72,7 @@ USER_BUCKETS = 256
 # items in the graph and sends those to Beam, so fewer, larger batches send far fewer elements.
 TRANSFORM_BATCH_ITEMS = 1 << 20
 
-# The shuffle's encoding (`pack`): zstd takes the bundled watch logs' interactions to ~13 bytes
-# each (31 pickled), at ~0.3 us to pack and ~0.2 us to unpack one.
+# The shuffle's encoding (`pack`); its size and cost are measured in docs/performance.md.
 _IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 _LOG = logging.getLogger(__name__)
@@ -212,7 +210,7 @@ def sequence_records(
         and {"train": training interactions, "eval": held-out interactions, "users_evaluated"}.
     """
     table = interactions.combine_chunks()
-    keys = [c for c in ("user", "ts", "item", "weight") if c in table.column_names]
+    keys = ("user", "ts", "item", "weight") if weighted else ("user", "ts", "item")
     order = pc.sort_indices(table, sort_keys=[(c, "ascending") for c in keys])
     table = table.take(order)
     n = table.num_rows
@@ -295,8 +293,9 @@ def _records(table: pa.Table, owner_rows, item_ranges, target_ranges, start, las
 
 class UserSequences(beam.PTransform):
     """(bucket, `pack`ed interactions tables) groups -> `TRAIN` and `EVAL` record batches
-    (`sequence_records`), regrouped into batches of about `TRANSFORM_BATCH_ITEMS` items for tf.Transform, and under
-    `COUNTS` the (name, count) pairs of the interactions in each split and the users evaluated."""
+    (`sequence_records`), regrouped into batches of about `TRANSFORM_BATCH_ITEMS` items for
+    tf.Transform, and under `COUNTS` the (name, count) pairs of the interactions in each split and
+    the users evaluated."""
 
     def __init__(self, config: CollaborativeConfig):
         super().__init__()
