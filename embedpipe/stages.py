@@ -25,6 +25,8 @@ import logging
 import os
 import time
 
+import pyarrow as pa
+
 from embedpipe import args as cli_args
 from embedpipe import runs
 from pipeline.preprocess import finalize as finalize_preprocess
@@ -230,8 +232,10 @@ def print_gc(result: dict) -> None:
 def release_memory() -> None:
     """Hands back to the OS what a finished stage freed: the stages of `embedpipe run` share one
     process, and without this glibc keeps the freed memory of one stage's peak through the next
-    (about 0.3 GiB after the Beam job and after training at 5M interactions)."""
+    (about 0.3 GiB after the Beam job and after training at 5M interactions), and Arrow's
+    allocator the pages it keeps for reuse."""
     gc.collect()
+    pa.default_memory_pool().release_unused()
     # The process's own symbols (libc's among them), not `ctypes.util.find_library("c")`: that
     # runs `ldconfig -p` in a forked child, an instant copy of this multi-GiB process.
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)

@@ -230,6 +230,8 @@ def test_checkpoint_restores_the_lazily_created_slots(tmp_path):
 def test_rejects_what_it_cannot_do_sparsely():
     with pytest.raises(ValueError, match="clipnorm"):
         SparseAwareOptimizer(0.1, clipnorm=1.0)
+    with pytest.raises(ValueError, match="dense_optimizer.*clipnorm"):
+        SparseAwareOptimizer(0.1, dense_optimizer=keras.optimizers.Adam(0.01, clipnorm=1.0))
     with pytest.raises(ValueError, match="algorithm"):
         SparseAwareOptimizer(0.1, algorithm="sgd")
     table = SparseEmbedding(10, 2, embeddings_constraint=keras.constraints.NonNeg())

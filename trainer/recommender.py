@@ -93,7 +93,7 @@ def user_vectors(
     user_keys_array = np.asarray(user_keys, dtype=object)
     progress = Progress(_LOG, "export: user histories", total=users.vocabulary_size, unit="users")
     tf.io.gfile.makedirs(os.path.dirname(path))
-    with _output(path) as f, pq.ParquetWriter(f, _HISTORIES_SCHEMA) as writer:
+    with output_stream(path) as f, pq.ParquetWriter(f, _HISTORIES_SCHEMA) as writer:
         for block in histories:
             user, items = block["user"].numpy(), block["items"]
             keep = user < users.vocabulary_size  # OOV rows have no key
@@ -297,7 +297,7 @@ def recommend_all(export_directory: str, k: int, path: str | None = None, index=
     with _input(histories_file) as f:
         source = pq.ParquetFile(f)
         progress = Progress(_LOG, "recommend --all", total=source.metadata.num_rows, unit="users")
-        with _output(path) as out, pq.ParquetWriter(out, _RECOMMENDATIONS_SCHEMA) as writer:
+        with output_stream(path) as out, pq.ParquetWriter(out, _RECOMMENDATIONS_SCHEMA) as writer:
             parts = []
             for batch in source.iter_batches(batch_size=block, columns=["user", "rows"]):
                 histories = pa.Table.from_batches([batch])
@@ -390,7 +390,9 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
 
 
-def _output(path: str):
+def output_stream(path: str):
+    """A pyarrow output stream writing `path` (local, gs://, ...; `_filesystem`): a Parquet file
+    goes out as it is written, not whole through a buffer and a bytes copy of it."""
     fs, where = _filesystem(path)
     return fs.open_output_stream(where)
 

@@ -50,6 +50,7 @@ Writes each model's `tables.npz` (its tables and every weight, float32, no pickl
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -328,8 +329,8 @@ def load_model(path: str, name: str, users: TableSpec, items: TableSpec, max_his
     Raises:
         FileNotFoundError: `path` holds only tables (written before models saved every weight).
     """
-    with tf.io.gfile.GFile(path, "rb") as f:
-        with np.load(io.BytesIO(f.read()), allow_pickle=False) as npz:
+    with tf.io.gfile.GFile(path, "rb") as f:  # read member by member: the tables are not read twice
+        with np.load(f, allow_pickle=False) as npz:
             weights = [npz[f"weight_{i}"] for i in range(sum(k.startswith("weight_") for k in npz.files))]
     if not weights:
         raise FileNotFoundError(
@@ -368,17 +369,19 @@ def in_batch_softmax_loss(query, candidates, targets, log_q, weights, valid=None
     return _softmax_cross_entropy(query, candidates, targets, tf.gather(log_q, targets), weights, valid, users)
 
 
-@tf.custom_gradient
 def _softmax_cross_entropy(query, candidates, targets, log_q, weights, valid, users):
     """`in_batch_softmax_loss` with its gradient computed with the loss: the [batch, batch]
     element-wise work is one XLA function, which also gives the logits' gradient G, so the
-    backward pass is just G @ candidates and G^T @ query (~2x faster than autodiff's)."""
-    loss, g = _masked_softmax(tf.matmul(query, candidates, transpose_b=True), targets, log_q, weights, valid, users)
+    backward pass is just G @ candidates and G^T @ query (~2x faster than autodiff's).
 
-    def gradient(upstream):
-        return upstream * tf.matmul(g, candidates), upstream * tf.matmul(g, query, transpose_a=True), *[None] * 5
-
-    return loss, gradient
+    G enters through a term that is exactly zero, sum(G * scores) minus itself unchanged, whose
+    gradient is the matmul's with upstream G; not `tf.custom_gradient`, which in a traced
+    function registers every trace's gradient in a global registry for good, and with it the
+    graph and the tables it captured (a fitted model's memory was never freed)."""
+    scores = tf.matmul(query, candidates, transpose_b=True)
+    loss, g = _masked_softmax(tf.stop_gradient(scores), targets, log_q, weights, valid, users)
+    linear = tf.reduce_sum(tf.stop_gradient(g) * scores)
+    return tf.stop_gradient(loss) + (linear - tf.stop_gradient(linear))
 
 
 @tf.function(jit_compile=True)
@@ -576,7 +579,7 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
 
 def evaluate(
     models: dict,
-    blocks: tf.data.Dataset,
+    blocks,
     data: Data,
     *,
     what: str,
@@ -585,9 +588,14 @@ def evaluate(
 ) -> tuple[dict, int] | tuple[dict, int, dict]:
     """Recall@K and NDCG@K of each model's ranking of every vocabulary item, seen items excluded.
 
+    One model at a time (a pass over `blocks` each, popularity with the first): only one
+    ranker's copy of an item table is alive at once, which matters at 500,000 items (each
+    `TopK` holds a transposed copy of the table).
+
     Args:
         models: {name: model with `query` and `item_table`}.
-        blocks: blocks of users (`Data.validation_blocks`, `Data.eval_blocks`).
+        blocks: blocks of users (`Data.validation_blocks`, `Data.eval_blocks`), iterable more
+            than once.
         data: the run's data (the item vocabulary, the popularity counts).
         what: for the progress lines.
         popularity: also rank by training popularity (as "popularity").
@@ -601,42 +609,59 @@ def evaluate(
         and with `more_like_this` a third item: {name: {"hit_rate@K": ...}, "users": n}.
     """
     vocab, ks = data.items.vocabulary_size, data.config.evaluation.k
-    rankers = {name: TopK(_weights(m.item_table)[:vocab]) for name, m in models.items()}
-    if popularity:
-        rankers["popularity"] = PopularityTopK(data.item_counts[:vocab])
+    results, users, extra = {}, 0, {}
+    for i, (name, model) in enumerate(models.items()):
+        rankers = {name: (TopK(_weights(model.item_table)[:vocab]), model.query)}
+        if popularity and i == 0:  # with the first model: its ranker is small
+            rankers["popularity"] = (PopularityTopK(data.item_counts[:vocab]), _no_query)
+        scored, users = _rank(rankers, blocks, ks, f"{what}, {name}" if len(models) > 1 else what)
+        results[name] = scored.pop(name)
+        extra.update(scored)
+        del rankers  # before the next model's: one copy of an item table at a time
+    results.update(extra)
+    if not more_like_this:
+        return results, users
+    like = {}
+    for name, model in models.items():
+        like[name], like["users"] = _more_like_this(_weights(model.item_table)[:vocab], blocks, ks)
+    return results, users, like
+
+
+def _no_query(user, history):
+    """The query of a ranker that ignores it (popularity): [b, 1] ones, for the block's size."""
+    return tf.ones([tf.shape(user)[0], 1])
+
+
+def _rank(rankers: dict, blocks, ks, what: str) -> tuple[dict, int]:
+    """({name: metrics}, users) of rankers {name: (ranker, query function)} over `blocks`."""
     metrics = {name: RankingMetrics(ks) for name in rankers}
-    neighbours, hits = {}, {}
-    if more_like_this:
-        for name, m in models.items():
-            unit = unit_rows(_weights(m.item_table)[:vocab])
-            neighbours[name], hits[name] = (TopK(unit), unit), RankingMetrics(ks)
     progress = Progress(_LOG, what, unit="users")
     for block in blocks:
-        for name, ranker in rankers.items():
-            if name == "popularity":
-                query = tf.ones([tf.shape(block["user"])[0], 1])
-            else:
-                query = models[name].query(block["user"], block["history"])
-            top, _ = ranker(query, block["seen"], max(ks))
+        for name, (ranker, query) in rankers.items():
+            top, _ = ranker(query(block["user"], block["history"]), block["seen"], max(ks))
             metrics[name].add(top, block["targets"])
-        if neighbours and next(iter(hits.values())).users < MORE_LIKE_THIS_USERS:
-            newest = block["history"][:, -1].numpy()
-            has = (newest >= 0) & (newest < vocab) & (block["targets"].row_lengths().numpy() > 0)
-            if has.any():
-                items = newest[has]
-                first = tf.ragged.boolean_mask(block["targets"], has)[:, :1]
-                itself = tf.RaggedTensor.from_row_lengths(items, np.ones(len(items), np.int64))
-                for name, (ranker, unit) in neighbours.items():
-                    top, _ = ranker(unit[items], itself, max(ks))
-                    hits[name].add(top, first)
         progress.add(int(block["user"].shape[0]))
     progress.done()
-    results = {name: m.result() for name, m in metrics.items()}
-    if not more_like_this:
-        return results, progress.count
-    like = {name: {f"hit_rate@{k}": m.result()[f"recall@{k}"] for k in ks} for name, m in hits.items()}
-    like["users"] = next(iter(hits.values())).users if hits else 0
-    return results, progress.count, like
+    return {name: m.result() for name, m in metrics.items()}, progress.count
+
+
+def _more_like_this(items: np.ndarray, blocks, ks) -> tuple[dict, int]:
+    """({"hit_rate@K": ...}, users) of an item table's neighbours (`evaluate`'s more_like_this)
+    on the first `MORE_LIKE_THIS_USERS` users of `blocks` with a training item and a target."""
+    unit = unit_rows(items)
+    ranker, hits = TopK(unit), RankingMetrics(ks)
+    for block in blocks:
+        if hits.users >= MORE_LIKE_THIS_USERS:
+            break
+        newest = block["history"][:, -1].numpy()
+        has = (newest >= 0) & (newest < len(items)) & (block["targets"].row_lengths().numpy() > 0)
+        if has.any():
+            rows = newest[has]
+            first = tf.ragged.boolean_mask(block["targets"], has)[:, :1]
+            itself = tf.RaggedTensor.from_row_lengths(rows, np.ones(len(rows), np.int64))
+            top, _ = ranker(unit[rows], itself, max(ks))
+            hits.add(top, first)
+    return {f"hit_rate@{k}": hits.result()[f"recall@{k}"] for k in ks}, hits.users
 
 
 def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = None) -> dict:
@@ -672,6 +697,8 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
         fits[name] = fit(model, name, data, epochs=epochs or t.epochs)
         if t.refit and fits[name]["validation"]:
             # The validation slice chose the epochs; the model that serves learns from every pair.
+            model = None
+            gc.collect()  # the validated model's tables go before the refit's are made (below)
             keras.utils.set_random_seed(t.seed)
             model = build(name, data.users, data.items, config.max_history)
             _warm_start(model, config, specs, tft_output)
@@ -681,6 +708,10 @@ def train(config: CollaborativeConfig, output_dir: str, *, epochs: int | None = 
             _LOG.info("%s: history weights, newest first: %s ...", name, history_weights[name][:10])
         save_model(model, layout.retrieval_tables_path(output_dir, name))
         models[name] = model
+        # A fitted model's optimizer (lazy Adam's two slots per table row) and its traced
+        # functions sit in reference cycles: freed now, their memory serves what comes next
+        # (the next model, the evaluation) instead of staying beside it until a later collection.
+        gc.collect()
     eval_started = time.time()
     results, evaluated, like = evaluate(
         models, data.eval_blocks(), data, what="evaluation (test holdout)", popularity=True, more_like_this=True

@@ -95,8 +95,10 @@ Caveats:
   GPU the default `unsorted_segment_sum` kernel may sum a repeated id's rows in varying order
   (untested here): use `tf.config.experimental.enable_op_determinism()` if you need bitwise
   reproducibility there.
-* Not supported (rejected in `__init__`): clipping, weight decay, EMA, gradient accumulation
-  on the sparse path. Put them on `dense_optimizer` if you need them for the dense variables.
+* Not supported (rejected in `__init__`): clipping, weight decay, EMA, gradient accumulation,
+  on either path: the dense gradients go through `dense_optimizer`'s update rule
+  (`update_step`) directly, not through its `apply` (which on TensorFlow keeps every traced
+  step's graph alive; see `_apply_dense`).
 """
 
 from __future__ import annotations
@@ -169,13 +171,26 @@ class SparseAwareOptimizer(keras.optimizers.Optimizer):
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False)}
         if unsupported:
             raise ValueError(
-                f"SparseAwareOptimizer does not support {sorted(unsupported)}; configure them on "
-                "dense_optimizer (they then apply to the dense variables only)"
+                f"SparseAwareOptimizer does not support {sorted(unsupported)} (neither on the sparse "
+                "nor on the dense path)"
+            )
+        dense_optimizer = dense_optimizer if dense_optimizer is not None else keras.optimizers.Adam(1e-3)
+        transforms = {
+            k: getattr(dense_optimizer, k, None)
+            for k in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "loss_scale_factor")
+        }
+        transforms["use_ema"] = getattr(dense_optimizer, "use_ema", False)
+        transforms["gradient_accumulation_steps"] = getattr(dense_optimizer, "gradient_accumulation_steps", None)
+        unused = sorted(k for k, v in transforms.items() if v not in (None, False, 0))
+        if unused:
+            raise ValueError(
+                f"dense_optimizer: {unused} are not applied (its update rule is used step by step); "
+                "give it none of them"
             )
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         super().__init__(learning_rate=learning_rate, loss_scale_factor=loss_scale_factor, name=name)
-        self.dense_optimizer = dense_optimizer if dense_optimizer is not None else keras.optimizers.Adam(1e-3)
+        self.dense_optimizer = dense_optimizer
         self.algorithm = algorithm
         self.initial_accumulator_value = initial_accumulator_value
         self.beta_1 = beta_1
@@ -228,7 +243,7 @@ class SparseAwareOptimizer(keras.optimizers.Optimizer):
 
         with keras.name_scope(self.name, caller=self):
             if dense:
-                self.dense_optimizer.apply([g for g, _ in dense], [v for _, v in dense])
+                self._apply_dense(dense)
             if sparse:
                 lr = self.learning_rate
                 for grad, var in sparse:
@@ -308,6 +323,23 @@ class SparseAwareOptimizer(keras.optimizers.Optimizer):
                 self.add_variable_from_reference(var, "m"),
                 self.add_variable_from_reference(var, "v"),
             ]
+
+    def _apply_dense(self, dense: list) -> None:
+        """The dense gradients through `dense_optimizer`'s update rule (`update_step`, one
+        variable at a time, then its step count), not through its `apply`: on TensorFlow that
+        all-reduces the gradients through a `tf.custom_gradient`, which in a traced step
+        registers a gradient function in TensorFlow's global registry on every trace, and with it
+        keeps the step's graph, and every table and optimizer slot the graph captured, alive for
+        the rest of the process. With the options `__init__` rejects on it, `apply` does the same."""
+        opt = self.dense_optimizer
+        variables = [v for _, v in dense]
+        if not opt.built:
+            with tf.init_scope():
+                opt.build(variables)
+        learning_rate = opt.learning_rate
+        for grad, var in dense:
+            opt.update_step(grad, _tf_variable(var), tf.cast(learning_rate, var.dtype))
+        opt.iterations.assign_add(1)
 
     def _apply_sparse(self, grad: tf.IndexedSlices, var, learning_rate) -> None:
         table = _tf_variable(var)
