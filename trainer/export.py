@@ -181,7 +181,7 @@ def _item_labels(config: CollaborativeConfig, keys: list[str]) -> list[str] | No
             raise InputError(f"{md.path}: column {column!r} (item_metadata of {config.source}) is not in the file")
     if not table.num_rows:
         return None
-    last_first = pa.array(np.arange(table.num_rows - 1, -1, -1))  # index_in finds a key's first row
+    last_first = pa.array(np.arange(table.num_rows - 1, -1, -1))  # index_in finds the first: the last row
     known = pc.take(pc.cast(table.column(md.key), pa.string()), last_first)
     label = pc.take(pc.cast(table.column(md.label), pa.string()), last_first)
     rows = pc.index_in(pa.array(keys, pa.string()), value_set=known.combine_chunks())

@@ -107,6 +107,11 @@ import keras
 import tensorflow as tf
 
 ALGORITHMS = ("adagrad", "lazy_adam")
+# What a Keras optimizer's `apply` does beyond its `update_step` (`_apply_dense` calls only that)
+_APPLY_ONLY = (
+    "clipnorm", "clipvalue", "global_clipnorm", "gradient_accumulation_steps", "loss_scale_factor",
+    "use_ema", "weight_decay",
+)  # fmt: skip
 
 
 def _tf_variable(variable) -> tf.Variable:
@@ -175,13 +180,7 @@ class SparseAwareOptimizer(keras.optimizers.Optimizer):
                 "nor on the dense path)"
             )
         dense_optimizer = dense_optimizer if dense_optimizer is not None else keras.optimizers.Adam(1e-3)
-        transforms = {
-            k: getattr(dense_optimizer, k, None)
-            for k in ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "loss_scale_factor")
-        }
-        transforms["use_ema"] = getattr(dense_optimizer, "use_ema", False)
-        transforms["gradient_accumulation_steps"] = getattr(dense_optimizer, "gradient_accumulation_steps", None)
-        unused = sorted(k for k, v in transforms.items() if v not in (None, False, 0))
+        unused = [k for k in _APPLY_ONLY if getattr(dense_optimizer, k, None) not in (None, False, 0)]
         if unused:
             raise ValueError(
                 f"dense_optimizer: {unused} are not applied (its update rule is used step by step); "
