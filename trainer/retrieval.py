@@ -476,6 +476,37 @@ class Data:
         )
 
 
+def training_optimizer(learning_rate: float) -> SparseAwareOptimizer:
+    """What `fit` trains with: the tables row-wise through lazy Adam, the few dense weights
+    (history recency, attention) through Adam, both at `learning_rate`."""
+    return SparseAwareOptimizer(
+        learning_rate=learning_rate, algorithm="lazy_adam", dense_optimizer=keras.optimizers.Adam(learning_rate)
+    )
+
+
+def batch_loss(model: keras.Model, batch: dict, log_q: tf.Tensor, chunk: int = 1) -> tf.Tensor:
+    """The in-batch softmax loss of one training batch (`Data.pairs`), as `fit` trains it.
+
+    Args:
+        model: a model of `build`.
+        batch: a pair batch, or with `chunk` > 1 a chunk batch (`trainer.sequences`).
+        log_q: float32 [items], each item's log share of training interactions.
+        chunk: targets per chunk (`training.user_chunk`; a model with `sequence_queries`).
+
+    Returns:
+        The scalar loss; a pair without a history weighs nothing for a model that reads one.
+    """
+    needs_history = not isinstance(model, TwoTower)
+    weight = batch["weight"] * (tf.cast(batch["has_history"], tf.float32) if needs_history else 1.0)
+    if chunk > 1:
+        query, candidates = model.sequence_queries(batch["sequence"], chunk)
+        users = batch["user"]  # a chunk's targets are one user's: none is a negative for the others
+    else:
+        query, candidates = model.query(batch["user"], batch["history"]), model.item_table(batch["target"])
+        users = None
+    return in_batch_softmax_loss(query, candidates, batch["target"], log_q, weight, batch["valid"], users)
+
+
 def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: bool = True) -> dict:
     """Trains `model` with the in-batch softmax, epoch by epoch, early-stopped on validation.
 
@@ -498,21 +529,11 @@ def fit(model: keras.Model, name: str, data: Data, *, epochs: int, validate: boo
     t, headline = data.config.training, data.config.evaluation.headline
     needs_history = not isinstance(model, TwoTower)
     chunk = t.user_chunk if hasattr(model, "sequence_queries") else 1
-    # Tables go row-wise through lazy Adam; the few dense weights (history recency) through Adam.
-    optimizer = SparseAwareOptimizer(
-        learning_rate=t.learning_rate, algorithm="lazy_adam", dense_optimizer=keras.optimizers.Adam(t.learning_rate)
-    )
+    optimizer = training_optimizer(t.learning_rate)
 
     def step(batch):
-        weight = batch["weight"] * (tf.cast(batch["has_history"], tf.float32) if needs_history else 1.0)
         with tf.GradientTape() as tape:
-            if chunk > 1:
-                query, candidates = model.sequence_queries(batch["sequence"], chunk)
-                users = batch["user"]  # a chunk's targets are one user's: none is a negative for the others
-            else:
-                query, candidates = model.query(batch["user"], batch["history"]), model.item_table(batch["target"])
-                users = None
-            loss = in_batch_softmax_loss(query, candidates, batch["target"], data.log_q, weight, batch["valid"], users)
+            loss = batch_loss(model, batch, data.log_q, chunk)
         variables = model.trainable_variables
         optimizer.apply(tape.gradient(loss, variables), variables)
         return loss, tf.math.count_nonzero(batch["valid"])

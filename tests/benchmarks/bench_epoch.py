@@ -27,14 +27,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from schemas.loading import load_config  # noqa: E402
 from schemas.manifest import read_manifest  # noqa: E402
 from schemas.tables import TableSpec  # noqa: E402
 from trainer import retrieval  # noqa: E402
-from trainer.sparse import SparseAwareOptimizer, deduplicate  # noqa: E402
+from trainer.sparse import deduplicate  # noqa: E402
 
 
 def step_parts(model, name: str, data, batches: int) -> None:
@@ -46,24 +45,16 @@ def step_parts(model, name: str, data, batches: int) -> None:
         pairs += int(tf.math.count_nonzero(batch["valid"]))
     print(f"{name} input pipeline alone: {pairs / (time.time() - started):,.0f} pairs/s")
     cached = list(dataset.take(batches))
-    t = data.config.training
-    optimizer = SparseAwareOptimizer(
-        learning_rate=t.learning_rate, algorithm="lazy_adam", dense_optimizer=keras.optimizers.Adam(t.learning_rate)
-    )
-
-    def loss(batch):
-        weight = batch["weight"] * (tf.cast(batch["has_history"], tf.float32) if needs_history else 1.0)
-        query, candidates = model.query(batch["user"], batch["history"]), model.item_table(batch["target"])
-        return retrieval.in_batch_softmax_loss(query, candidates, batch["target"], data.log_q, weight, batch["valid"])
+    optimizer = retrieval.training_optimizer(data.config.training.learning_rate)
 
     def gradients(batch):
         with tf.GradientTape() as tape:
-            value = loss(batch)
-        return tape.gradient(value, model.trainable_variables)
+            loss = retrieval.batch_loss(model, batch, data.log_q)
+        return tape.gradient(loss, model.trainable_variables)
 
     parts = {
         "query": lambda b: tf.reduce_sum(model.query(b["user"], b["history"])),
-        "query + loss": loss,
+        "query + loss": lambda b: retrieval.batch_loss(model, b, data.log_q),
         "+ gradients": lambda b: [g.values if isinstance(g, tf.IndexedSlices) else g for g in gradients(b)],
         "+ deduplication": lambda b: [
             deduplicate(g)[0] if isinstance(g, tf.IndexedSlices) else g for g in gradients(b)
@@ -72,7 +63,8 @@ def step_parts(model, name: str, data, batches: int) -> None:
     }
     for part, fn in parts.items():
         traced = tf.function(fn)
-        traced(cached[0]), traced(cached[1])
+        for batch in cached[:2]:  # traced, and the optimizer's slots built
+            traced(batch)
         started = time.time()
         for batch in cached[2:]:
             traced(batch)
@@ -89,6 +81,8 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", action="store_true", help="time the parts of one step instead of epochs")
     parser.add_argument("--batches", type=int, default=100, help="with --parts: batches timed")
     args = parser.parse_args(argv)
+    if args.parts and (args.user_chunk or 1) > 1:
+        parser.error("--parts times pair batches; it takes no --user-chunk")
     config = load_config(args.config)
     if args.user_chunk is not None:
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, user_chunk=args.user_chunk))
