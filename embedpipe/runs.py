@@ -67,7 +67,7 @@ from schemas.layout import (
 )
 from schemas.manifest import read_manifest, update_manifest
 from trainer import drift
-from trainer.tables import TableError, load_table
+from trainer.tables import TableError, verify_table
 
 _LOG = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def verify(path: str) -> dict:
         raise RunError(f"{path}: not a finished run (manifest lacks {', '.join(missing)})")
     for name in manifest["export"]["tables"]:
         try:
-            load_table(layout.table_dir(path, name), verify="all")  # under the run dir: runs can move
+            verify_table(layout.table_dir(path, name))  # under the run dir: runs can move
         except TableError as e:
             raise RunError(f"{path}: exported table {name} does not verify: {e}") from None
     return manifest

@@ -9,7 +9,7 @@ import pytest
 
 from schemas.tables import TableSpec
 from trainer.export import write_table
-from trainer.tables import TableError, escape_key, load_table, unescape_key
+from trainer.tables import TableError, escape_key, load_table, sha256_file, unescape_key, verify_table
 
 KEYS = ["plain", "with space", "tab\there", "new\nline", "back\\slash\\t", "naïve ☕", "<OOV 0>"]
 
@@ -70,6 +70,32 @@ def test_damaged_or_inconsistent_tables_are_refused(table_dir):
         load_table(path, verify=False)
     with pytest.raises(TableError, match="missing"):
         load_table(os.path.dirname(path))
+
+
+def test_verify_table_checks_every_file_and_the_shapes_without_loading(table_dir):
+    path, _, _ = table_dir
+    assert verify_table(path)["rows"] == len(KEYS)
+    manifest_path = os.path.join(path, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    for field, value, message in [
+        ("rows", 99, r"vectors.npy: shape \(7, 3\), the manifest declares \(99, 3\)"),
+        ("dim", 4, r"vectors.npy: shape \(7, 3\), the manifest declares \(7, 4\)"),
+    ]:
+        json.dump({**manifest, field: value}, open(manifest_path, "w"))
+        with pytest.raises(TableError, match=message):
+            verify_table(path)
+    json.dump(manifest, open(manifest_path, "w"))
+    with open(os.path.join(path, "keys.tsv"), "a") as f:
+        f.write("extra\n")
+    with pytest.raises(TableError, match="keys.tsv: checksum does not match"):
+        verify_table(path)
+    manifest["files"]["keys"]["sha256"] = sha256_file(os.path.join(path, "keys.tsv"))
+    json.dump(manifest, open(manifest_path, "w"))
+    with pytest.raises(TableError, match="keys.tsv: 8 keys, the manifest declares 7 rows"):
+        verify_table(path)
+    os.remove(os.path.join(path, "vectors.w2v.txt"))  # a file load_table never reads
+    with pytest.raises(TableError, match="vectors.w2v.txt: missing"):
+        verify_table(path)
 
 
 def test_escaping_is_reversible():

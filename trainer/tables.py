@@ -15,8 +15,9 @@
 warm start).
 
 Loading checks the files it reads (keys, vectors, Parquet; `verify="all"`: every file of the
-table, as `embedpipe publish` does) against the sha256 in the table's `manifest.json` and the
-matrix against its declared shape, and fails with `TableError` naming the file otherwise. Nothing in
+table) against the sha256 in the table's `manifest.json` and the matrix against its declared
+shape, and fails with `TableError` naming the file otherwise. `verify_table` checks every file
+and the shapes without loading the table (what `embedpipe publish` does). Nothing in
 the table directory is executed or unpickled.
 """
 
@@ -46,6 +47,7 @@ FILES = {
     "projector_run": "events.out.tfevents.0.embedpipe",
 }
 
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "s": " "}
 
@@ -166,20 +168,9 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
     sha256; "all" every file of the table (the other formats too: what `publish` does); False none.
     """
     path = resolve(path)  # ROOT/LATEST/export/<table> -> the latest published run's table
-    manifest_path = os.path.join(path, "manifest.json")
-    manifest = table_manifest(path)
-    if manifest is None:
-        raise TableError(f"{manifest_path}: missing; is {path!r} an exported table directory?")
+    manifest = _manifest(path)
     if verify:
-        read = {"keys", "vectors", "parquet"}
-        for name, entry in manifest["files"].items():
-            if verify != "all" and name not in read:
-                continue
-            file_path = os.path.join(path, entry["path"])
-            if not tf.io.gfile.exists(file_path):
-                raise TableError(f"{file_path}: missing (listed in {manifest_path})")
-            if sha256_file(file_path) != entry["sha256"]:
-                raise TableError(f"{file_path}: checksum does not match {manifest_path}; the file is damaged")
+        _check_files(path, manifest, None if verify == "all" else ("keys", "vectors", "parquet"))
     with tf.io.gfile.GFile(os.path.join(path, FILES["keys"])) as f:
         keys = [unescape_key(line.rstrip("\n")) for line in f]
     with tf.io.gfile.GFile(os.path.join(path, FILES["vectors"]), "rb") as f:
@@ -195,6 +186,58 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
     frequencies = parquet.column("frequency").to_numpy()
     labels = parquet.column("label").to_pylist() if "label" in parquet.column_names else None
     return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest, labels, path)
+
+
+def verify_table(path: str) -> dict:
+    """Checks every file of `<export>/<table>/` against its manifest without loading the table:
+    each file's sha256, the matrix's shape (the `.npy` header) and the number of keys (lines of
+    keys.tsv). What `embedpipe publish` does; its memory does not grow with the table.
+
+    Returns:
+        The table's manifest.
+
+    Raises:
+        TableError: naming the file that is missing, damaged or of another shape.
+    """
+    path = resolve(path)
+    manifest = _manifest(path)
+    _check_files(path, manifest, None)
+    expected = (manifest["rows"], manifest["dim"])
+    vectors_path = os.path.join(path, FILES["vectors"])
+    with tf.io.gfile.GFile(vectors_path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in _NPY_HEADERS:
+            raise TableError(f"{vectors_path}: .npy format version {version}, not one that np.save writes for float32")
+        shape, _, _ = _NPY_HEADERS[version](f)
+    if tuple(shape) != expected:
+        raise TableError(f"{vectors_path}: shape {tuple(shape)}, the manifest declares {expected}")
+    keys_path = os.path.join(path, FILES["keys"])
+    with tf.io.gfile.GFile(keys_path, "rb") as f:
+        lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    if lines != manifest["rows"]:
+        raise TableError(f"{keys_path}: {lines} keys, the manifest declares {manifest['rows']} rows")
+    return manifest
+
+
+def _manifest(path: str) -> dict:
+    manifest = table_manifest(path)
+    if manifest is None:
+        raise TableError(f"{os.path.join(path, 'manifest.json')}: missing; is {path!r} an exported table directory?")
+    return manifest
+
+
+def _check_files(path: str, manifest: dict, names: tuple[str, ...] | None) -> None:
+    """Each of the manifest's files named `names` (None: all) against its sha256; TableError naming
+    the first file that is missing or damaged."""
+    manifest_path = os.path.join(path, "manifest.json")
+    for name, entry in manifest["files"].items():
+        if names is not None and name not in names:
+            continue
+        file_path = os.path.join(path, entry["path"])
+        if not tf.io.gfile.exists(file_path):
+            raise TableError(f"{file_path}: missing (listed in {manifest_path})")
+        if sha256_file(file_path) != entry["sha256"]:
+            raise TableError(f"{file_path}: checksum does not match {manifest_path}; the file is damaged")
 
 
 def load_source(path: str, dim: int, where: str, what: str = "init_from") -> EmbeddingTable:
