@@ -272,15 +272,10 @@ def print_neighbors(path: str | None, k: int = 5) -> None:
     shown = showcase(table, k=k)
     if not shown:
         return
-    labels = table.labels or []
-
-    def name(key: str, label: str = "") -> str:
-        return label or (labels[table.row(key)] if labels else "") or key
-
     print(f"  neighbours in {table.name} (cosine):")
-    width = max(len(name(key)) for key, _ in shown)
-    for key, near in shown:
-        print(f"    {name(key):<{width}} ~ " + ", ".join(f"{name(k, lab)} {score:+.2f}" for k, lab, score in near))
+    width = max(len(label or key) for key, label, _ in shown)
+    for key, label, near in shown:
+        print(f"    {label or key:<{width}} ~ " + ", ".join(f"{lab or k} {score:+.2f}" for k, lab, score in near))
 
 
 def print_metric(section: dict, baseline: dict | None = None) -> None:

@@ -124,6 +124,7 @@ def test_showcase_picks_the_most_frequent_key_then_the_least_like_it(tmp_path):
     frequency = np.array([100, 90, 80, 70, 60, 50, 40, 30, 20, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 1], np.int64)
     table = load_table(write_table(str(tmp_path / "t"), spec, keys, vectors.astype(np.float32), frequency, {}))
     shown = neighbors.showcase(table, count=2, k=3)
-    assert [key for key, _ in shown] == ["k0", "k10"]  # k10: the most frequent of the other group
-    assert all(group[int(k[1:])] == group[int(key[1:])] for key, near in shown for k, _, _ in near)
-    assert [len(near) for _, near in shown] == [3, 3]
+    assert [key for key, _, _ in shown] == ["k0", "k10"]  # k10: the most frequent of the other group
+    assert [label for _, label, _ in shown] == ["", ""]  # a table without labels
+    assert all(group[int(k[1:])] == group[int(key[1:])] for key, _, near in shown for k, _, _ in near)
+    assert [len(near) for _, _, near in shown] == [3, 3]

@@ -52,6 +52,7 @@ from schemas.manifest import read_manifest, update_manifest
 from schemas.tables import TableSpec, table_keys, table_specs
 from trainer import formats, recommender, retrieval, sequences
 from trainer.model import embedding_layer_name
+from trainer.streams import output_stream
 from trainer.tables import FILES, escape_key, sha256_file
 
 _LOG = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def write_table(
             **({"label": pa.array(labels, pa.string())} if labels else {}),
         }
     )
-    with recommender.output_stream(os.path.join(path, FILES["parquet"])) as f:
+    with output_stream(os.path.join(path, FILES["parquet"])) as f:
         pq.write_table(table, f)
     # The projector shows at most PROJECTOR_MAX_ROWS points: the most frequent rows, in row order.
     shown = np.arange(len(keys))

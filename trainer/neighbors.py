@@ -33,14 +33,16 @@ class NeighborIndex:
     def __init__(self, table: EmbeddingTable):
         self.table = table
         self.unit = unit_rows(table.vectors[: table.real_rows])
-        self._by_label = {}
-        for row, label in enumerate((table.labels or [])[: table.real_rows]):
-            self._by_label.setdefault(label, row)
+        self._by_label = None  # {label: first row}, built on the first lookup by label
 
     def row(self, key_or_label: str) -> int:
         """The row of a key, else of the first row with that label; `UnknownKeyError` if neither."""
         if key_or_label in self.table and self.table.row(key_or_label) < len(self.unit):
             return self.table.row(key_or_label)
+        if self._by_label is None:
+            self._by_label = {}
+            for row, label in enumerate((self.table.labels or [])[: self.table.real_rows]):
+                self._by_label.setdefault(label, row)
         if key_or_label in self._by_label:
             return self._by_label[key_or_label]
         raise UnknownKeyError(f"table {self.table.name!r} has no key or label {key_or_label!r}")
@@ -53,8 +55,8 @@ class NeighborIndex:
         k = min(k, len(scores) - (exclude is not None))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
-        labels = self.table.labels or [""] * len(self.table.keys)
-        return [(self.table.keys[i], labels[i], float(scores[i])) for i in top]
+        labels = self.table.labels
+        return [(self.table.keys[i], labels[i] if labels else "", float(scores[i])) for i in top]
 
     def nearest_keys(self, rows: list[int], k: int, block: int = 128) -> list[list[str]]:
         """The keys of the k nearest rows of each of `rows` (unordered), each itself excluded;
@@ -70,7 +72,10 @@ class NeighborIndex:
 
     def neighbors(self, key_or_label: str, k: int = 10) -> list[tuple[str, str, float]]:
         """(key, label, cosine) of the k nearest rows, the query itself excluded."""
-        row = self.row(key_or_label)
+        return self.neighbors_of_row(self.row(key_or_label), k)
+
+    def neighbors_of_row(self, row: int, k: int = 10) -> list[tuple[str, str, float]]:
+        """`neighbors` of the key of a real row (no lookup by key)."""
         return self.top_k(self.unit @ self.unit[row], k, exclude=row)
 
 
@@ -91,8 +96,8 @@ def showcase(
         unlike: the cosine below which a key counts as unlike the ones picked.
 
     Returns:
-        [(key, [(neighbour key, label, cosine), ...]), ...], at most `count` keys (none for a
-        table of fewer than two real rows).
+        [(key, its label or "", [(neighbour key, label, cosine), ...]), ...], at most `count`
+        keys (none for a table of fewer than two real rows).
     """
     index = NeighborIndex(table)
     real = table.real_rows
@@ -106,7 +111,11 @@ def showcase(
         closest[np.isin(candidates, picked)] = np.inf
         below = np.flatnonzero(closest < unlike)  # in frequency order
         picked.append(int(candidates[below[0] if len(below) else np.argmin(closest)]))
-    return [(table.keys[row], index.neighbors(table.keys[row], min(k, real - 1))) for row in picked]
+    labels = table.labels
+    return [
+        (table.keys[row], labels[row] if labels else "", index.neighbors_of_row(row, min(k, real - 1)))
+        for row in picked
+    ]
 
 
 def write_all_neighbors(table: EmbeddingTable, k: int, path: str, index=None) -> dict:

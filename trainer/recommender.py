@@ -41,7 +41,6 @@ import keras
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import tensorflow as tf
 
@@ -51,6 +50,7 @@ from schemas.tables import TableSpec
 from trainer import sequences
 from trainer.ranking import TopK, block_users
 from trainer.retrieval import TwoTower
+from trainer.streams import input_file, output_stream
 from trainer.tables import EmbeddingTable, UnknownKeyError, load_table, sha256_file
 
 _LOG = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def recommend_all(export_directory: str, k: int, path: str | None = None, index=
     item_keys = np.asarray(items.keys[: items.real_rows], dtype=object)
     path = path or layout.recommendations_path(export_directory)
     block = block_users(items.real_rows)
-    with _input(histories_file) as f:
+    with input_file(histories_file) as f:
         source = pq.ParquetFile(f)
         progress = Progress(_LOG, "recommend --all", total=source.metadata.num_rows, unit="users")
         with output_stream(path) as out, pq.ParquetWriter(out, _RECOMMENDATIONS_SCHEMA) as writer:
@@ -362,7 +362,7 @@ def recommend_users(export_directory: str, users: list[str], k: int = 10) -> dic
     histories_file = layout.histories_path(export_directory)
     seen = {user: [] for user in users}
     if tf.io.gfile.exists(histories_file):
-        with _input(histories_file) as f:
+        with input_file(histories_file) as f:
             found = pq.read_table(f, filters=[("user", "in", list(users))])
         for user, rows in zip(found.column("user").to_pylist(), _seen_rows(found, items.real_rows).to_list()):
             seen[user] = rows
@@ -374,32 +374,6 @@ def recommend_users(export_directory: str, users: list[str], k: int = 10) -> dic
         user: [(items.keys[i], labels[i], float(s)) for i, s in zip(row, row_scores)]
         for user, row, row_scores in zip(users, top, scores)
     }
-
-
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's own filesystem for `path` (local, gs://, hdfs://) and the path in it: Parquet
-    streams in and out in row groups, which tf.io.gfile's file objects do not offer.
-
-    gs:// goes to `STORAGE_EMULATOR_HOST` (anonymously) when that is set, as google-cloud-storage
-    and Beam's GcsIO do: a local GCS emulator."""
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    if path.startswith("gs://") and emulator:
-        scheme, _, host = emulator.rpartition("://")
-        fs = pafs.GcsFileSystem(anonymous=True, scheme=scheme or "http", endpoint_override=host.rstrip("/"))
-        return fs, path.removeprefix("gs://")
-    return pafs.FileSystem.from_uri(path if "://" in path else os.path.abspath(path))
-
-
-def output_stream(path: str):
-    """A pyarrow output stream writing `path` (local, gs://, ...; `_filesystem`): a Parquet file
-    goes out as it is written, not whole through a buffer and a bytes copy of it."""
-    fs, where = _filesystem(path)
-    return fs.open_output_stream(where)
-
-
-def _input(path: str):
-    fs, where = _filesystem(path)
-    return fs.open_input_file(where)
 
 
 def _tables(export_directory: str) -> tuple[EmbeddingTable, EmbeddingTable]:

@@ -279,12 +279,11 @@ def _pool(table, history: tf.Tensor, log_weights: tf.Tensor) -> tf.Tensor:
         float32 [batch, dim]; zeros for an empty history.
     """
     batch = tf.shape(history)[0]
-    valid = history >= 0
+    where = tf.where(history >= 0)  # [n, 2]: (pair, column) of each real item
+    segments = where[:, 0]
     # column j is position H-1-j from the end; a dense gradient, so Adam (not the sparse path)
-    by_column = tf.exp(tf.reverse(log_weights, [0]))
-    weights = tf.boolean_mask(tf.broadcast_to(by_column[None, :], tf.shape(history)), valid)
-    segments = tf.boolean_mask(tf.broadcast_to(tf.range(batch)[:, None], tf.shape(history)), valid)
-    vectors = table(tf.boolean_mask(history, valid))  # only real items: no padding row is touched
+    weights = tf.gather(tf.exp(tf.reverse(log_weights, [0])), where[:, 1])
+    vectors = table(tf.gather_nd(history, where))  # only real items: no padding row is touched
     pooled = tf.math.unsorted_segment_sum(vectors * weights[:, None], segments, batch)
     total = tf.math.unsorted_segment_sum(weights, segments, batch)
     return pooled / tf.maximum(total, 1e-9)[:, None]  # an empty history gives a zero query

@@ -28,12 +28,12 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
 from schemas.config import ConfigError
 from schemas.layout import resolve, table_manifest
+from trainer.streams import input_file
 
 FILES = {
     "keys": "keys.tsv",
@@ -117,10 +117,13 @@ class EmbeddingTable:
     manifest: dict
     labels: list[str] | None = None  # e.g. item titles, from the projector metadata
     path: str | None = None  # the directory it was loaded from (a `LATEST` path resolved)
-    _index: dict[str, int] = field(init=False, repr=False)
+    _index: dict[str, int] | None = field(init=False, repr=False, default=None)
 
-    def __post_init__(self):
-        self._index = {k: i for i, k in enumerate(self.keys)}
+    def _rows(self) -> dict[str, int]:
+        """{key: row}, built on the first lookup by key (a 500,000-row table's is ~20 MB)."""
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.keys)}
+        return self._index
 
     @property
     def dim(self) -> int:
@@ -130,7 +133,7 @@ class EmbeddingTable:
     def row(self, key: str) -> int:
         """The row of `key`; raises `UnknownKeyError` for a key the table does not have."""
         try:
-            return self._index[key]
+            return self._rows()[key]
         except KeyError:
             raise UnknownKeyError(f"table {self.name!r} has no key {key!r}") from None
 
@@ -141,7 +144,7 @@ class EmbeddingTable:
     __getitem__ = vector
 
     def __contains__(self, key: str) -> bool:
-        return key in self._index
+        return key in self._rows()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -172,7 +175,9 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
     if verify:
         _check_files(path, manifest, None if verify == "all" else ("keys", "vectors", "parquet"))
     with tf.io.gfile.GFile(os.path.join(path, FILES["keys"])) as f:
-        keys = [unescape_key(line.rstrip("\n")) for line in f]
+        keys = f.read().split("\n")[:-1]  # every key ends with a line feed
+    if any("\\" in k for k in keys):  # only a key with a backslash holds an escape
+        keys = [unescape_key(k) if "\\" in k else k for k in keys]
     with tf.io.gfile.GFile(os.path.join(path, FILES["vectors"]), "rb") as f:
         vectors = np.load(f, allow_pickle=False)
     expected = (manifest["rows"], manifest["dim"])
@@ -181,8 +186,10 @@ def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
             f"{path}: manifest declares {expected[0]} rows x {expected[1]} dims, "
             f"found vectors {vectors.shape} and {len(keys)} keys"
         )
-    with tf.io.gfile.GFile(os.path.join(path, FILES["parquet"]), "rb") as f:
-        parquet = pq.read_table(pa.BufferReader(f.read()))
+    with input_file(os.path.join(path, FILES["parquet"])) as f:  # only these columns are read
+        parquet = pq.ParquetFile(f)
+        columns = [c for c in ("frequency", "label") if c in parquet.schema_arrow.names]
+        parquet = parquet.read(columns=columns)
     frequencies = parquet.column("frequency").to_numpy()
     labels = parquet.column("label").to_pylist() if "label" in parquet.column_names else None
     return EmbeddingTable(manifest["name"], keys, vectors, frequencies, manifest, labels, path)
