@@ -8,9 +8,10 @@ import pytest
 from absl import flags
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# The memory tests read TensorFlow's count of CPU bytes in use (get_memory_info("CPU:0")); which CPU
-# allocator keeps that count depends on the build and the CPU (none does by default on AMD EPYC):
-# the BFC allocator always does.
+# test_collaborative's memory test reads TensorFlow's count of CPU bytes in use
+# (get_memory_info("CPU:0")); whether the default CPU allocator keeps one depends on the build and
+# the CPU (none does on AMD EPYC); the BFC allocator always does. The whole suite, and the
+# processes it starts, run on it.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "1")
 # tf.Transform's test case reads absl flags (temp dirs); under pytest nobody parses them.
 flags.FLAGS.mark_as_parsed()

@@ -128,3 +128,12 @@ def test_showcase_picks_the_most_frequent_key_then_the_least_like_it(tmp_path):
     assert [label for _, label, _ in shown] == ["", ""]  # a table without labels
     assert all(group[int(k[1:])] == group[int(key[1:])] for key, _, near in shown for k, _, _ in near)
     assert [len(near) for _, _, near in shown] == [3, 3]
+
+
+def test_showcase_shows_each_keys_label_and_its_neighbours_labels(planted):
+    table, group = planted
+    shown = neighbors.showcase(table, count=3, k=4, pool=60)
+    assert [key for key, _, _ in shown] == ["m0", "m20", "m40"]  # equal counts: one per group, in row order
+    for key, label, near in shown:
+        assert label == table.labels[table.row(key)] and label.endswith(f"(g{group[table.row(key)]})")
+        assert all(near_label.endswith(label[-4:]) for _, near_label, _ in near)

@@ -78,8 +78,8 @@ def test_verify_table_checks_every_file_and_the_shapes_without_loading(table_dir
     manifest_path = os.path.join(path, "manifest.json")
     manifest = json.load(open(manifest_path))
     for field, value, message in [
-        ("rows", 99, r"vectors.npy: shape \(7, 3\), the manifest declares \(99, 3\)"),
-        ("dim", 4, r"vectors.npy: shape \(7, 3\), the manifest declares \(7, 4\)"),
+        ("rows", 99, r"vectors.npy: float32 \(7, 3\), the manifest declares float32 \(99, 3\)"),
+        ("dim", 4, r"vectors.npy: float32 \(7, 3\), the manifest declares float32 \(7, 4\)"),
     ]:
         json.dump({**manifest, field: value}, open(manifest_path, "w"))
         with pytest.raises(TableError, match=message):
@@ -89,13 +89,43 @@ def test_verify_table_checks_every_file_and_the_shapes_without_loading(table_dir
         f.write("extra\n")
     with pytest.raises(TableError, match="keys.tsv: checksum does not match"):
         verify_table(path)
-    manifest["files"]["keys"]["sha256"] = sha256_file(os.path.join(path, "keys.tsv"))
-    json.dump(manifest, open(manifest_path, "w"))
+    _rechecksum(path, manifest, "keys")
     with pytest.raises(TableError, match="keys.tsv: 8 keys, the manifest declares 7 rows"):
         verify_table(path)
     os.remove(os.path.join(path, "vectors.w2v.txt"))  # a file load_table never reads
     with pytest.raises(TableError, match="vectors.w2v.txt: missing"):
         verify_table(path)
+
+
+def test_a_keys_file_with_text_after_its_last_line_or_vectors_not_npy_are_refused(table_dir):
+    path, _, _ = table_dir
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    with open(os.path.join(path, "keys.tsv"), "a") as f:
+        f.write("appended")  # 7 lines still, and a key that no line feed ends
+    _rechecksum(path, manifest, "keys")
+    for check in (verify_table, load_table):
+        with pytest.raises(TableError, match="keys.tsv: text after the last line feed"):
+            check(path)
+    with open(os.path.join(path, "keys.tsv"), "w") as f:
+        f.write("".join(escape_key(k) + "\n" for k in KEYS))
+    _rechecksum(path, manifest, "keys")
+    with open(os.path.join(path, "vectors.npy"), "wb") as f:
+        f.write(b"not a numpy file")
+    _rechecksum(path, manifest, "vectors")
+    with pytest.raises(TableError, match="vectors.npy: not a .npy file np.load reads"):
+        verify_table(path)
+    np.save(os.path.join(path, "vectors.npy"), np.zeros((len(KEYS), 3), np.float64))
+    _rechecksum(path, manifest, "vectors")
+    for check in (verify_table, load_table):
+        with pytest.raises(TableError, match=r"vectors.npy: float64 \(7, 3\), the manifest declares float32"):
+            check(path)
+
+
+def _rechecksum(path: str, manifest: dict, name: str) -> None:
+    """Writes the table's manifest with file `name`'s sha256 as it is now (a consistent damage)."""
+    entry = manifest["files"][name]
+    entry["sha256"] = sha256_file(os.path.join(path, entry["path"]))
+    json.dump(manifest, open(os.path.join(path, "manifest.json"), "w"))
 
 
 def test_escaping_is_reversible():

@@ -81,7 +81,7 @@ class NeighborIndex:
 
 def showcase(
     table: EmbeddingTable, count: int = 2, k: int = 5, pool: int = 20, unlike: float = 0.5
-) -> list[tuple[str, list]]:
+) -> list[tuple[str, str, list]]:
     """The neighbours of a few telling keys of a table, for a run's summary.
 
     The first key is the table's most frequent; each next one is, of the `pool` most frequent

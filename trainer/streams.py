@@ -1,9 +1,8 @@
 """pyarrow streams in and out of the filesystems a run lives on (local, gs://, hdfs://).
 
-Parquet files are read and written through pyarrow's own filesystems rather than through
-`tf.io.gfile`'s file objects, which pyarrow cannot seek in: a file streams in row groups and
-column chunks (a reader fetches only the columns it asks for) instead of whole through a buffer
-and a bytes copy of it.
+Parquet files are read and written through pyarrow's own filesystems rather than whole through
+a `tf.io.gfile` buffer and a bytes copy of it: a file streams in row groups and column chunks (a
+reader fetches only the columns it asks for).
 
 gs:// goes to `STORAGE_EMULATOR_HOST` (anonymously) when that is set, as google-cloud-storage
 and Beam's GcsIO do: a local GCS emulator.

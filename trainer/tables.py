@@ -14,11 +14,12 @@
 `match_rows` lines up a new table's rows with an exported table's by key (transfer learning and
 warm start).
 
-Loading checks the files it reads (keys, vectors, Parquet; `verify="all"`: every file of the
-table) against the sha256 in the table's `manifest.json` and the matrix against its declared
-shape, and fails with `TableError` naming the file otherwise. `verify_table` checks every file
-and the shapes without loading the table (what `embedpipe publish` does). Nothing in
-the table directory is executed or unpickled.
+Loading checks the files it reads (keys, vectors, Parquet) against the sha256 in the table's
+`manifest.json` and the matrix and keys against its declared shape, and fails with `TableError`
+naming the file otherwise. `verify_table` checks every file and the shapes without loading the
+table (what `embedpipe publish` does). Nothing in the table directory is executed or unpickled.
+Keys and vectors are read with `tf.io.gfile`, the Parquet file with pyarrow's filesystems
+(`trainer.streams`: local, gs://, hdfs://).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class EmbeddingTable:
     manifest: dict
     labels: list[str] | None = None  # e.g. item titles, from the projector metadata
     path: str | None = None  # the directory it was loaded from (a `LATEST` path resolved)
-    _index: dict[str, int] | None = field(init=False, repr=False, default=None)
+    _index: dict[str, int] | None = field(init=False, repr=False, compare=False, default=None)
 
     def _rows(self) -> dict[str, int]:
         """{key: row}, built on the first lookup by key (a 500,000-row table's is ~20 MB)."""
@@ -164,28 +165,31 @@ class EmbeddingTable:
         return {k: self.vectors[i] for i, k in enumerate(self.keys)}
 
 
-def load_table(path: str, verify: bool | str = True) -> EmbeddingTable:
+def load_table(path: str, verify: bool = True) -> EmbeddingTable:
     """Reads `<export>/<table>/` (keys, vectors and frequencies); see the module docstring.
 
-    verify: True checks the files read here (keys, vectors, Parquet) against the manifest's
-    sha256; "all" every file of the table (the other formats too: what `publish` does); False none.
+    Args:
+        path: the table's directory (local, gs://, ...; a `LATEST` path is resolved once).
+        verify: check the files read here (keys, vectors, Parquet) against the manifest's sha256
+            (False: only the shapes).
+
+    Returns:
+        The table; `TableError` naming the file when it is missing, damaged or of another shape.
     """
     path = resolve(path)  # ROOT/LATEST/export/<table> -> the latest published run's table
     manifest = _manifest(path)
     if verify:
-        _check_files(path, manifest, None if verify == "all" else ("keys", "vectors", "parquet"))
-    with tf.io.gfile.GFile(os.path.join(path, FILES["keys"])) as f:
-        keys = f.read().split("\n")[:-1]  # every key ends with a line feed
+        _check_files(path, manifest, ("keys", "vectors", "parquet"))
+    keys_path = os.path.join(path, FILES["keys"])
+    with tf.io.gfile.GFile(keys_path) as f:
+        keys = f.read().split("\n")  # every key ends with a line feed: the last piece is empty
+    _check_keys(keys_path, manifest, len(keys) - 1, keys.pop() == "")
     if any("\\" in k for k in keys):  # only a key with a backslash holds an escape
         keys = [unescape_key(k) if "\\" in k else k for k in keys]
-    with tf.io.gfile.GFile(os.path.join(path, FILES["vectors"]), "rb") as f:
+    vectors_path = os.path.join(path, FILES["vectors"])
+    with tf.io.gfile.GFile(vectors_path, "rb") as f:
         vectors = np.load(f, allow_pickle=False)
-    expected = (manifest["rows"], manifest["dim"])
-    if vectors.shape != expected or len(keys) != manifest["rows"]:
-        raise TableError(
-            f"{path}: manifest declares {expected[0]} rows x {expected[1]} dims, "
-            f"found vectors {vectors.shape} and {len(keys)} keys"
-        )
+    _check_vectors(vectors_path, manifest, vectors.shape, vectors.dtype)
     with input_file(os.path.join(path, FILES["parquet"])) as f:  # only these columns are read
         parquet = pq.ParquetFile(f)
         columns = [c for c in ("frequency", "label") if c in parquet.schema_arrow.names]
@@ -209,21 +213,38 @@ def verify_table(path: str) -> dict:
     path = resolve(path)
     manifest = _manifest(path)
     _check_files(path, manifest, None)
-    expected = (manifest["rows"], manifest["dim"])
     vectors_path = os.path.join(path, FILES["vectors"])
     with tf.io.gfile.GFile(vectors_path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version not in _NPY_HEADERS:
-            raise TableError(f"{vectors_path}: .npy format version {version}, not one that np.save writes for float32")
-        shape, _, _ = _NPY_HEADERS[version](f)
-    if tuple(shape) != expected:
-        raise TableError(f"{vectors_path}: shape {tuple(shape)}, the manifest declares {expected}")
+        try:
+            version = np.lib.format.read_magic(f)
+            if version not in _NPY_HEADERS:
+                raise ValueError(f"format version {version}, not one np.save writes for float32")
+            shape, _, dtype = _NPY_HEADERS[version](f)
+        except ValueError as e:
+            raise TableError(f"{vectors_path}: not a .npy file np.load reads: {e}") from None
+    _check_vectors(vectors_path, manifest, shape, dtype)
     keys_path = os.path.join(path, FILES["keys"])
+    lines, last = 0, b"\n"
     with tf.io.gfile.GFile(keys_path, "rb") as f:
-        lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
-    if lines != manifest["rows"]:
-        raise TableError(f"{keys_path}: {lines} keys, the manifest declares {manifest['rows']} rows")
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    _check_keys(keys_path, manifest, lines, last == b"\n")
     return manifest
+
+
+def _check_vectors(path: str, manifest: dict, shape: tuple, dtype: np.dtype) -> None:
+    """TableError unless the vectors at `path` are float32 of the manifest's [rows, dim]."""
+    expected = (manifest["rows"], manifest["dim"])
+    if tuple(shape) != expected or dtype != np.float32:
+        raise TableError(f"{path}: {dtype} {tuple(shape)}, the manifest declares float32 {expected}")
+
+
+def _check_keys(path: str, manifest: dict, keys: int, ends_with_newline: bool) -> None:
+    """TableError unless keys.tsv at `path` holds the manifest's rows, each ended by a line feed."""
+    if not ends_with_newline:
+        raise TableError(f"{path}: text after the last line feed (a truncated or appended-to file)")
+    if keys != manifest["rows"]:
+        raise TableError(f"{path}: {keys} keys, the manifest declares {manifest['rows']} rows")
 
 
 def _manifest(path: str) -> dict:

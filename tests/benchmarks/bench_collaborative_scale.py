@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -201,6 +202,19 @@ def summary(scale: float, result: dict) -> dict:
     }
 
 
+def machine() -> str:
+    """The CPU model and count, for reading a run's rates: they move 2-3x between machines of
+    one kind (see docs/performance.md)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    with open("/proc/cpuinfo") as f:
+        info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    vector = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+    mhz = float(info.get("cpu MHz", 0))
+    return f"{info.get('model name', platform.machine())} at {mhz / 1000:.1f} GHz ({vector}), {os.cpu_count()} CPUs"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scales", type=float, nargs="+", default=[1, 5], help="millions of interactions")
@@ -220,7 +234,7 @@ def main(argv=None) -> None:
         interactions, items = make_input(scale, args.output)
         out = os.path.join(args.output, f"run-{scale:g}")
         result = run_embedpipe(interactions, items, out, args.epochs, args.user_chunk, args.top_k)
-        row = summary(scale, result)
+        row = {**summary(scale, result), "machine": machine()}
         if args.als:
             row["als_fit_s"] = als_fit_seconds(interactions)
         if args.recommend:
@@ -240,7 +254,7 @@ def main(argv=None) -> None:
         print(
             f"peak RSS ratio {results[-1]['peak_rss_gib'] / results[0]['peak_rss_gib']:.2f}x ({results[-1]['scale_millions']:g}M vs {results[0]['scale_millions']:g}M)"
         )
-    print(f"results: {path}")
+    print(f"machine: {machine()}\nresults: {path}")
 
 
 if __name__ == "__main__":
