@@ -39,13 +39,17 @@ class NeighborIndex:
         """The row of a key, else of the first row with that label; `UnknownKeyError` if neither."""
         if key_or_label in self.table and self.table.row(key_or_label) < len(self.unit):
             return self.table.row(key_or_label)
+        if key_or_label in self._label_rows():
+            return self._by_label[key_or_label]
+        raise UnknownKeyError(f"table {self.table.name!r} has no key or label {key_or_label!r}")
+
+    def _label_rows(self) -> dict[str, int]:
+        """{label: its first real row}, built on the first lookup by label."""
         if self._by_label is None:
             self._by_label = {}
             for row, label in enumerate((self.table.labels or [])[: self.table.real_rows]):
                 self._by_label.setdefault(label, row)
-        if key_or_label in self._by_label:
-            return self._by_label[key_or_label]
-        raise UnknownKeyError(f"table {self.table.name!r} has no key or label {key_or_label!r}")
+        return self._by_label
 
     def top_k(self, scores: np.ndarray, k: int, exclude: int | None = None) -> list[tuple[str, str, float]]:
         """(key, label, score) of the k best of `scores` (float [real rows]), best first, `exclude` left out."""
@@ -55,8 +59,7 @@ class NeighborIndex:
         k = min(k, len(scores) - (exclude is not None))
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
-        labels = self.table.labels
-        return [(self.table.keys[i], labels[i] if labels else "", float(scores[i])) for i in top]
+        return [(self.table.keys[i], self.table.label(i), float(scores[i])) for i in top]
 
     def nearest_keys(self, rows: list[int], k: int, block: int = 128) -> list[list[str]]:
         """The keys of the k nearest rows of each of `rows` (unordered), each itself excluded;
@@ -111,11 +114,7 @@ def showcase(
         closest[np.isin(candidates, picked)] = np.inf
         below = np.flatnonzero(closest < unlike)  # in frequency order
         picked.append(int(candidates[below[0] if len(below) else np.argmin(closest)]))
-    labels = table.labels
-    return [
-        (table.keys[row], labels[row] if labels else "", index.neighbors_of_row(row, min(k, real - 1)))
-        for row in picked
-    ]
+    return [(table.keys[row], table.label(row), index.neighbors_of_row(row, min(k, real - 1))) for row in picked]
 
 
 def write_all_neighbors(table: EmbeddingTable, k: int, path: str, index=None) -> dict:

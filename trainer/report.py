@@ -497,15 +497,14 @@ def _neighbors_table(table: EmbeddingTable, frequency: np.ndarray) -> str:
     index = NeighborIndex(table)
     queries = np.argsort(-frequency[:real], kind="stable")[:QUERIES]
     k = min(NEIGHBORS, real - 1)
-    labels = table.labels
     rows = []
     for row in queries:
         row = int(row)
-        found = index.top_k(index.unit @ index.unit[row], k, exclude=row)
+        found = index.neighbors_of_row(row, k)
         cells = "".join(
             f"<td>{_key_html(key, label)}<span class=score>{score:+.3f}</span></td>" for key, label, score in found
         )
-        query = _key_html(table.keys[row], labels[row] if labels else "")
+        query = _key_html(table.keys[row], table.label(row))
         rows.append(f"<tr><th>{query}<span class=score>{int(frequency[row]):,}&times;</span></th>{cells}</tr>")
     head = "<tr><th>key (training count)</th>" + "".join(f"<th>#{i + 1}</th>" for i in range(k)) + "</tr>"
     return (

@@ -138,6 +138,10 @@ class EmbeddingTable:
         except KeyError:
             raise UnknownKeyError(f"table {self.name!r} has no key {key!r}") from None
 
+    def label(self, row: int) -> str:
+        """The label of row `row`; "" for a table without labels."""
+        return self.labels[row] if self.labels else ""
+
     def vector(self, key: str) -> np.ndarray:
         """The vector of `key`, float32 [dim]; raises `UnknownKeyError` for an unknown key."""
         return self.vectors[self.row(key)]
