@@ -7,7 +7,7 @@ The commands are `embedpipe.stages` (run, preprocess, train, export, publish) an
 `embedpipe.commands` (example-data, neighbors, recommend, clusters, report). Their modules import
 TensorFlow and Beam, which takes seconds, so they are imported here only once the flags parsed:
 `--help` and a mistyped flag answer at once. A bad config, input, table or run ends with one
-`embedpipe: error: ...` line and exit status 2; anything else is a bug and shows its traceback.
+`embedpipe: error: ...` line and exit status 2 (`schemas.errors.USER_ERRORS`); anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import sys
 
 from embedpipe.args import COMMANDS, parse
+from schemas.errors import USER_ERRORS
 
 USAGE = "usage: embedpipe [-v] {" + ",".join(COMMANDS) + "} [--help] [options]"
 # command -> (module, function), imported when the command runs
@@ -57,22 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     # The deliberate lazy imports: TensorFlow and Beam load only for a command that runs.
     module, function = HANDLERS[command]
     handler = getattr(importlib.import_module(module), function)
-    user_errors = _user_errors()
     try:
         handler(rest)
-    except user_errors as e:
+    except USER_ERRORS as e:
         print(f"embedpipe: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """The errors that mean bad input rather than a bug: printed as one line."""
-    from schemas.config import ConfigError, InputError
-    from schemas.layout import RunError
-    from trainer.tables import TableError
-
-    return (ConfigError, InputError, TableError, RunError, FileNotFoundError)
 
 
 def _setup_logging(verbose: bool) -> None:

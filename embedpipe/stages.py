@@ -32,7 +32,8 @@ from embedpipe import runs
 from pipeline.preprocess import finalize as finalize_preprocess
 from pipeline.preprocess import preprocess as preprocess_job
 from schemas import layout
-from schemas.config import CollaborativeConfig, ConfigError, DatasetConfig
+from schemas.config import CollaborativeConfig, DatasetConfig
+from schemas.errors import ConfigError
 from schemas.loading import load_config
 from schemas.manifest import read_manifest
 from trainer.export import export as export_stage

@@ -27,7 +27,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from schemas.config import Config, DatasetConfig, InputError
+from schemas.config import Config, DatasetConfig
+from schemas.errors import InputError
 
 ARROW_TYPES = {"int": pa.int64(), "float": pa.float32(), "string": pa.large_binary()}
 

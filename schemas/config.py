@@ -46,17 +46,6 @@ DEFAULT_MAX_BAD_FRACTION = 0.1
 FEATURE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the field, e.g.::
-
-    schemas/taxi.yaml: categorical.company.top_k: expected a positive integer, got 'ten'
-    """
-
-
-class InputError(ValueError):
-    """Input data that cannot be used (as opposed to single bad rows, which are dead-lettered)."""
-
-
 def auto_embedding_dim(rows: int, minimum: int = AUTO_DIM_MIN) -> int:
     """The default embedding size for a table of `rows` rows: round(rows ** 0.25), clamped to
     [`minimum`, AUTO_DIM_MAX] (`minimum` is COLLABORATIVE_DIM_MIN for a collaborative table)."""

@@ -1,6 +1,6 @@
 """The run directory: every path of a run, the `LATEST` pointer, and how both are read.
 
-The bottom of the layers (see the README's "Code layout"): it imports nothing of the project, so
+The bottom of the layers (see the README's "Code layout"): it imports nothing of the project but `schemas.errors`, so
 the Beam job, the trainer, the exporter and the orchestration all find a run's files here and
 nowhere else::
 
@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from schemas.errors import RunError
+
 LATEST = "LATEST"
 COMPLETE = "_COMPLETE"
 STARTED = "_STARTED"  # written when `embedpipe run` starts a run (`embedpipe.runs.prepare`)
@@ -54,10 +56,6 @@ TRAIN = "train"
 EVAL = "eval"
 SPLITS = (TRAIN, EVAL)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-class RunError(RuntimeError):
-    """A run that cannot be started, published or read as asked."""
 
 
 # -- JSON files of a run ----------------------------------------------------------------------

@@ -38,7 +38,6 @@ from schemas.config import (
     CategoricalFeature,
     CollaborativeConfig,
     Config,
-    ConfigError,
     DriftLimits,
     InputConfig,
     ItemMetadata,
@@ -51,6 +50,7 @@ from schemas.config import (
     TrainingConfig,
     VocabularySide,
 )
+from schemas.errors import ConfigError
 
 # The `interactions:` section of a collaborative config holds these CollaborativeConfig fields.
 INTERACTION_FIELDS = ("user", "item", "timestamp", "weight", "holdout", "max_history")

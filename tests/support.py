@@ -62,7 +62,7 @@ def tiny_yaml_text(**input_fields) -> str:
 def config_error(path: str) -> str:
     """Loads the config at `path`, which must fail; returns the ConfigError's message, which must
     start with the path."""
-    from schemas.config import ConfigError
+    from schemas.errors import ConfigError
     from schemas.loading import load_config
 
     with pytest.raises(ConfigError) as err:

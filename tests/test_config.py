@@ -4,7 +4,8 @@ import pytest
 import tensorflow as tf
 
 from embedpipe import cli
-from schemas.config import AUTO_DIM_MAX, COLLABORATIVE_DIM_MIN, ConfigError, VocabularySide, auto_embedding_dim
+from schemas.config import AUTO_DIM_MAX, COLLABORATIVE_DIM_MIN, VocabularySide, auto_embedding_dim
+from schemas.errors import ConfigError
 from schemas.loading import load_config
 
 from support import SMALL_CONFIG as GOOD

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from embedpipe import cli, stages
-from schemas.config import ConfigError, TableInit
+from schemas.config import TableInit
+from schemas.errors import ConfigError
 from schemas.loading import load_config
 from trainer import train
 from trainer.tables import load_table, match_rows

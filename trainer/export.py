@@ -47,7 +47,8 @@ import tensorflow_transform as tft
 from tensorflow.core.util import event_pb2
 
 from schemas import layout
-from schemas.config import CollaborativeConfig, Config, InputError
+from schemas.config import CollaborativeConfig, Config
+from schemas.errors import InputError
 from schemas.manifest import read_manifest, update_manifest
 from schemas.tables import TableSpec, table_keys, table_specs
 from trainer import formats, recommender, retrieval, sequences

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-from schemas.config import ConfigError
+from schemas.errors import ConfigError, TableError
 from schemas.layout import resolve, table_manifest
 from trainer.streams import input_file
 
@@ -51,11 +51,6 @@ FILES = {
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r", "s": " "}
-
-
-class TableError(ValueError):
-    """An exported table that is incomplete, corrupted or inconsistent with its manifest, or a
-    question the table cannot answer (`UnknownKeyError`)."""
 
 
 class UnknownKeyError(TableError, KeyError):

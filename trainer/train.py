@@ -39,7 +39,8 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from schemas import layout
-from schemas.config import CategoricalFeature, CollaborativeConfig, Config, ConfigError
+from schemas.config import CategoricalFeature, CollaborativeConfig, Config
+from schemas.errors import ConfigError
 from schemas.features import LABEL_KEY, LABEL_VOCABULARY, raw_feature_spec
 from schemas.manifest import read_manifest, update_manifest
 from schemas.tables import TableSpec, table_keys, table_specs
